@@ -1,0 +1,77 @@
+# Kiln: the device-provisioning station. `make run` and `make test` are the two
+# commands a newcomer needs; every target installs what it uses.
+
+SHELL := /bin/bash
+GO ?= go
+BIN := $(CURDIR)/bin
+KILN := $(BIN)/kiln
+STATICCHECK_VERSION := v0.8.2
+FUZZTIME ?= 30s
+BENCHTIME ?= 5x
+export KILN_HOME ?= $(CURDIR)/kiln-data
+export LANG ?= C.UTF-8
+
+# Debian packages, from platform-notes: what building (cgo: the TPM simulator
+# links libcrypto, SQLite needs gcc) and testing (swtpm, tpm2-tools) need.
+APT_BUILD := make gcc libc6-dev pkg-config libssl-dev
+APT_TEST  := swtpm swtpm-tools tpm2-tools socat ca-certificates
+
+.PHONY: all deps apt build agents run demo test test-short bench fuzz lint e2e clean
+
+all: build
+
+## deps: install the Debian packages that are missing, then the Go modules.
+deps: apt
+	$(GO) mod download
+
+apt:
+	@missing=""; for p in $(APT_BUILD) $(APT_TEST); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
+## build: the station binary and the device agent for the DUT architectures.
+build: deps
+	$(GO) build -o $(KILN) ./cmd/kiln
+	$(MAKE) --no-print-directory agents
+
+agents:
+	CGO_ENABLED=0 GOOS=linux GOARCH=amd64 $(GO) build -trimpath -ldflags=-s -o $(BIN)/kiln-agent-linux-amd64 ./cmd/kiln-agent
+	CGO_ENABLED=0 GOOS=linux GOARCH=arm64 $(GO) build -trimpath -ldflags=-s -o $(BIN)/kiln-agent-linux-arm64 ./cmd/kiln-agent
+	CGO_ENABLED=0 GOOS=linux GOARCH=arm GOARM=7 $(GO) build -trimpath -ldflags=-s -o $(BIN)/kiln-agent-linux-arm ./cmd/kiln-agent
+
+## run: the station on its embedded default (data dir ./kiln-data, a simulated DUT).
+run: build
+	$(KILN) demo
+
+## test: vet, the race-enabled test suite, and the agent cross-builds.
+test: deps
+	$(GO) vet ./...
+	$(GO) test -race -count=1 -timeout 12m ./...
+	$(MAKE) --no-print-directory agents
+
+## bench: benchmarks with ratios against baselines measured in the same run;
+## results go to docs/performance.md.
+bench: deps
+	./scripts/bench.sh "$(BENCHTIME)"
+
+## fuzz: every fuzz target for FUZZTIME each.
+fuzz: deps
+	./scripts/fuzz.sh "$(FUZZTIME)"
+
+## lint: go vet and staticcheck.
+lint: deps
+	@test -x $(BIN)/staticcheck || GOBIN=$(BIN) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+	$(GO) vet ./...
+	$(BIN)/staticcheck ./...
+
+## e2e: the built binaries end to end: simulated DUTs on ptys, provision, records.
+e2e: build
+	./scripts/e2e.sh
+
+clean:
+	rm -rf $(BIN)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs the benchmarks and writes docs/performance.md. Each benchmark measures
+# its own baseline in the same run and reports the ratio as a metric named
+# *-ratio (or x-*), so the figures mean the same on any machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+benchtime=${1:-5x}
+mkdir -p .bench docs
+raw=.bench/bench.txt
+go test -run='^$' -bench=. -benchtime="$benchtime" -count=1 -timeout 30m ./... | tee "$raw"
+grep -q '^ok' "$raw" || { echo "bench: no package passed" >&2; exit 1; }
+if grep -q '^FAIL' "$raw"; then echo "bench: a benchmark failed" >&2; exit 1; fi
+
+{
+  echo "# Performance"
+  echo
+  echo "Written by \`make bench\` (scripts/bench.sh) on $(date -u +%Y-%m-%d) — $(go version | cut -d' ' -f3),"
+  echo "$(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')."
+  echo "Every ratio is measured against a baseline taken in the same run."
+  echo
+  if [ -f docs/performance-notes.md ]; then cat docs/performance-notes.md; echo; fi
+  echo "## Results"
+  echo
+  echo "| benchmark | runs | metrics |"
+  echo "|---|---|---|"
+  awk '/^Benchmark/ {
+         name=$1; sub(/-[0-9]+$/, "", name); runs=$2; m="";
+         for (i = 3; i + 1 <= NF; i += 2) { m = m (m == "" ? "" : ", ") $i " " $(i+1) }
+         printf("| %s | %s | %s |\n", name, runs, m)
+       }' "$raw"
+  echo
+  echo "## Raw output"
+  echo
+  echo '```'
+  grep -E '^(Benchmark|goos|goarch|pkg|cpu)' "$raw"
+  echo '```'
+} > docs/performance.md
+echo "wrote docs/performance.md"

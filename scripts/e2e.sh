@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# End to end with the built binaries: simulated DUTs on ptys (in-process TPM
+# simulator, and swtpm with a manufacturer-signed EK certificate), kiln
+# provision, kiln records, kiln tpm info. Run by `make e2e` after `make build`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+kiln=$PWD/bin/kiln
+work=$(mktemp -d)
+export KILN_HOME=$work/home
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+pass=0 fail=0
+check() { # check NAME CONDITION-COMMAND...
+  local name=$1; shift
+  if "$@"; then echo "ok    $name"; pass=$((pass+1)); else echo "FAIL  $name"; fail=$((fail+1)); fi
+}
+wait_lines() { # wait_lines FILE N: until FILE has N lines (30 s)
+  for _ in $(seq 300); do [ "$(wc -l < "$1")" -ge "$2" ] && return 0; sleep 0.1; done
+  echo "timed out waiting for $1"; cat "$1"; return 1
+}
+
+# 1. Two simulated DUTs with the in-process simulator (one process each).
+"$kiln" simulate --count 2 --tpm sim --serial-prefix E2E- > "$work/sim.txt" 2> "$work/sim.log" &
+pids+=($!)
+wait_lines "$work/sim.txt" 2
+mapfile -t ports < "$work/sim.txt"
+
+"$kiln" provision --port "${ports[0]}" --ek-cert-policy require --json > "$work/p1.json"
+check "first DUT passes under require" grep -q '"result": "pass"' "$work/p1.json"
+"$kiln" provision --port "${ports[1]}" > "$work/p2.txt"
+check "second DUT passes" grep -q '^PASS' "$work/p2.txt"
+set +e; "$kiln" provision --port "${ports[0]}" > "$work/p3.txt"; code=$?; set -e
+check "the same unit again fails as a duplicate (exit 1)" test "$code" = 1
+check "the duplicate names the earlier run" grep -q 'already provisioned' "$work/p3.txt"
+"$kiln" records list > "$work/list.txt"
+check "records list shows three runs" test "$(grep -c -E '^[0-9]+ ' "$work/list.txt")" = 3
+serial=$(grep -o '"serial": "[^"]*"' "$work/p1.json" | head -1 | cut -d'"' -f4)
+"$kiln" records show "$serial" > "$work/show.txt"
+check "records show has the EK" grep -q 'EK sha256' "$work/show.txt"
+
+# 2. A DUT on swtpm, whose EK certificate swtpm_setup signed.
+"$kiln" simulate --count 1 --tpm swtpm --serial-prefix SWTPM- > "$work/sw.txt" 2> "$work/sw.log" &
+pids+=($!)
+wait_lines "$work/sw.txt" 1
+swport=$(head -1 "$work/sw.txt" | cut -d' ' -f1)
+roots=$(grep -o 'roots=[^ ]*' "$work/sw.log" | head -1 | cut -d= -f2)
+"$kiln" provision --port "$swport" --ek-cert-policy require --roots "$roots" > "$work/p4.txt"
+check "swtpm DUT passes with its manufacturer root" grep -q '^PASS' "$work/p4.txt"
+
+echo "$pass passed, $fail failed"
+[ "$fail" = 0 ]
