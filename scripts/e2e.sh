@@ -26,7 +26,7 @@ pids+=($!)
 wait_lines "$work/sim.txt" 2
 mapfile -t ports < "$work/sim.txt"
 
-"$kiln" provision --port "${ports[0]}" --ek-cert-policy require --json > "$work/p1.json"
+"$kiln" provision --port "${ports[0]}" --ek-cert-policy require --roots "$KILN_HOME/simulator/ek-roots" --json > "$work/p1.json"
 check "first DUT passes under require" grep -q '"result": "pass"' "$work/p1.json"
 "$kiln" provision --port "${ports[1]}" > "$work/p2.txt"
 check "second DUT passes" grep -q '^PASS' "$work/p2.txt"
@@ -44,7 +44,7 @@ check "records show has the EK" grep -q 'EK sha256' "$work/show.txt"
 pids+=($!)
 wait_lines "$work/sw.txt" 1
 swport=$(head -1 "$work/sw.txt" | cut -d' ' -f1)
-roots=$(grep -o 'roots=[^ ]*' "$work/sw.log" | head -1 | cut -d= -f2)
+roots=$(grep -o 'roots=[^ ]*' "$work/sw.log" | head -1 | cut -d= -f2-)
 "$kiln" provision --port "$swport" --ek-cert-policy require --roots "$roots" > "$work/p4.txt"
 check "swtpm DUT passes with its manufacturer root" grep -q '^PASS' "$work/p4.txt"
 

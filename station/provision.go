@@ -86,7 +86,8 @@ func (p *Provisioner) Provision(ctx context.Context, req Request) (*Run, error) 
 	err := w.steps(prof)
 	w.finish(err)
 	if err != nil {
-		log.Warn("unit failed", "run", r.ID, "serial", r.Serial, "step", w.current, "err", err)
+		// Not an error log: the error is returned; this is the station's audit line.
+		log.Info("unit failed", "run", r.ID, "serial", r.Serial, "step", w.current, "reason", err)
 	} else {
 		log.Info("unit passed", "run", r.ID, "serial", r.Serial, "registration_id", r.RegistrationID, "duration", r.Duration())
 	}
