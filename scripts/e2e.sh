@@ -48,5 +48,33 @@ roots=$(grep -o 'roots=[^ ]*' "$work/sw.log" | head -1 | cut -d= -f2-)
 "$kiln" provision --port "$swport" --ek-cert-policy require --roots "$roots" > "$work/p4.txt"
 check "swtpm DUT passes with its manufacturer root" grep -q '^PASS' "$work/p4.txt"
 
+# 3. The agent commands on a serial line: socat joins two ptys back to back,
+# the agent serves one end and the station provisions through the other.
+serial_pair() { # serial_pair NAME: $work/NAME-dut and $work/NAME-station
+  socat pty,raw,echo=0,link="$work/$1-dut" pty,raw,echo=0,link="$work/$1-station" 2>/dev/null &
+  pids+=($!)
+  for _ in $(seq 100); do [ -e "$work/$1-dut" ] && [ -e "$work/$1-station" ] && return 0; sleep 0.05; done
+  echo "socat made no pty pair"; return 1
+}
+serial_pair sim
+"$kiln" agent --port "$work/sim-dut" --tpm sim --serial AGENT-SIM-1 --model e2e 2> "$work/agent-sim.log" &
+pids+=($!)
+"$kiln" provision --port "$work/sim-station" --ek-cert-policy off > "$work/p5.txt"
+check "kiln agent (simulator) over a serial pair passes" grep -q '^PASS  AGENT-SIM-1' "$work/p5.txt"
+
+# The pure-Go kiln-agent that DUTs ship, with swtpm as the device's TPM.
+port=$((20000 + RANDOM % 20000))
+mkdir -p "$work/swtpm-state"
+swtpm socket --tpm2 --server type=tcp,port=$port,bindaddr=127.0.0.1 --ctrl type=tcp,port=$((port+1)),bindaddr=127.0.0.1 \
+  --flags not-need-init,startup-clear --tpmstate dir="$work/swtpm-state" &
+pids+=($!)
+serial_pair bin
+sleep 0.3
+"$PWD/bin/kiln-agent-linux-amd64" --port "$work/bin-dut" --tpm "swtpm:127.0.0.1:$port" --serial AGENT-BIN-1 2> "$work/agent-bin.log" &
+pids+=($!)
+"$kiln" provision --port "$work/bin-station" --ek-cert-policy warn > "$work/p6.txt"
+check "kiln-agent (pure Go) with swtpm over a serial pair passes" grep -q '^PASS  AGENT-BIN-1' "$work/p6.txt"
+check "its EK was created on the empty TPM" grep -q 'EK created and persisted' "$work/p6.txt"
+
 echo "$pass passed, $fail failed"
 [ "$fail" = 0 ]

@@ -76,13 +76,19 @@ func runTPM(ctx context.Context, e *env, args []string) error {
 	}
 	v, err := c.verifier()
 	switch {
+	case end.EKCert == nil:
+		info.Validation = "not possible: the TPM holds no EK certificate"
 	case err != nil:
-		info.Validation = "root store unusable: " + err.Error()
+		info.Validation = "not checked: " + err.Error()
 	default:
-		if verr := v.VerifyEKCert(ctx, end); verr != nil {
-			info.Validation = "FAIL: " + verr.Error()
-		} else {
+		verr := v.VerifyEKCert(ctx, end)
+		switch {
+		case verr == nil:
 			info.Validation = "ok: chains to a trusted root and matches the EK"
+		case station.KindOf(verr) == station.KindNotFound:
+			info.Validation = "not checked: " + verr.Error()
+		default:
+			info.Validation = "FAIL: " + verr.Error()
 		}
 	}
 	if *asJSON {
