@@ -9,8 +9,10 @@
 // transport in a layer that re-sends commands the TPM answers with
 // TPM_RC_RETRY, TPM_RC_YIELDED or TPM_RC_TESTING.
 //
-// hsm never evicts a persistent object and never undefines an NV index:
-// it runs against customers' devices. Errors are *station.Error; TPM
+// hsm never evicts a persistent object it did not create for DPS and never
+// undefines an NV index: it runs against customers' devices. The one
+// exception is DPSKeyHandle (0x81000100), which belongs to DPS and is
+// replaced on every activation, as the Azure IoT SDKs do. Errors are *station.Error; TPM
 // authorization failures are KindUnauthorized, transport failures
 // KindUnavailable and malformed answers KindInvalid.
 package hsm

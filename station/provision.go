@@ -354,8 +354,8 @@ func RegistrationID(rule RegIDRule, serial string, ekPublic []byte) (string, err
 }
 
 // ValidRegistrationID checks the DPS rules for a registration ID: 1 to 128
-// characters, lower-case letters, digits and - . _ :, the last one a letter,
-// a digit or a dash.
+// characters, lower-case letters, digits and - . _ :, with no separator at
+// the start or the end.
 func ValidRegistrationID(id string) error {
 	if id == "" || len(id) > 128 {
 		return Errorf("registration ID", KindInvalid, "registration ID %q must be 1 to 128 characters", id)
@@ -364,8 +364,8 @@ func ValidRegistrationID(id string) error {
 		switch {
 		case c >= 'a' && c <= 'z', c >= '0' && c <= '9':
 		case c == '-' || c == '.' || c == '_' || c == ':':
-			if i == len(id)-1 && c != '-' {
-				return Errorf("registration ID", KindInvalid, "registration ID %q must not end with %q", id, c)
+			if i == 0 || i == len(id)-1 {
+				return Errorf("registration ID", KindInvalid, "registration ID %q must not start or end with %q", id, c)
 			}
 		default:
 			return Errorf("registration ID", KindInvalid, "registration ID %q has %q: only a-z, 0-9 and - . _ : are allowed", id, c)

@@ -88,8 +88,8 @@ func TestRegistrationID(t *testing.T) {
 }
 
 func TestValidRegistrationID(t *testing.T) {
-	good := []string{"a", "sn-0001", "dev.1_a:b", "ends-with-dash-", strings.Repeat("a", 128)}
-	bad := []string{"", "UPPER", "has space", "ends.", "ends_", "ends:", "ümlaut", strings.Repeat("a", 129)}
+	good := []string{"a", "sn-0001", "dev.1_a:b", strings.Repeat("a", 128)}
+	bad := []string{"", "UPPER", "has space", "ends.", "ends_", "ends:", "ends-", "-starts", ".starts", "ümlaut", strings.Repeat("a", 129)}
 	for _, id := range good {
 		if err := station.ValidRegistrationID(id); err != nil {
 			t.Errorf("ValidRegistrationID(%q) = %v, want nil", id, err)
