@@ -1,0 +1,440 @@
+package devserver
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"log/slog"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/kilnworks/kiln/dps"
+	"github.com/kilnworks/kiln/station"
+)
+
+// attestation is one way for devices to prove who they are (§4, §5, §6).
+// The device API picks it by the enrollment's attestation type. TPM is
+// implemented; symmetric keys and X.509 slot in beside it.
+type attestation interface {
+	// challenge answers a register request that carries no credentials.
+	// done is true when it wrote the answer (the TPM challenge); false
+	// makes the request fail with 401. Kinds: Unauthorized (the device
+	// does not match its enrollment), Invalid, NotFound.
+	challenge(ctx context.Context, w http.ResponseWriter, req *deviceRequest) (done bool, err error)
+	// authenticate checks the credentials of a register, poll or lookup
+	// against the enrollment and returns the device's proven identity.
+	// Kinds: Unauthorized, NotFound (no challenge was issued).
+	authenticate(ctx context.Context, req *deviceRequest) (*identity, error)
+	// result runs during assignment: it returns the identity the device
+	// proved last (its hub key) and the attestation part of its final
+	// registration state (TPM: the second activation blob).
+	// Kinds: Invalid, NotFound, Internal.
+	result(ctx context.Context, e *dps.IndividualEnrollment) (*identity, *dps.DeviceRegistrationState, error)
+}
+
+// identity is what an attestation proved about a device.
+type identity struct {
+	RegistrationID string // as enrolled
+	Key            []byte // the SAS key of the device in its hub; nil for X.509
+}
+
+// deviceRequest is one request of the device API.
+type deviceRequest struct {
+	r              *http.Request
+	trackingID     string
+	registrationID string // from the URL
+	body           *dps.DeviceRegistration
+	enrollment     *dps.IndividualEnrollment
+	now            time.Time
+	idScope        string
+}
+
+// sas parses the request's Authorization header; nil when there is none.
+// Kinds: Unauthorized (a malformed token).
+func (d *deviceRequest) sas() (*dps.SAS, error) {
+	h := d.r.Header.Get("Authorization")
+	if h == "" {
+		return nil, nil
+	}
+	tok, err := dps.ParseSAS(h)
+	if err != nil {
+		return nil, station.E("check device token", station.KindUnauthorized, err)
+	}
+	return tok, nil
+}
+
+// verifySAS checks a device token with key: signature, expiry, the resource
+// {idScope}/registrations/{regId} and the key name "registration" (§4.7).
+// Kinds: Unauthorized.
+func (d *deviceRequest) verifySAS(tok *dps.SAS, key []byte) error {
+	const op = "check device token"
+	if err := tok.MatchResource(dps.DeviceResource(d.idScope, d.registrationID)); err != nil {
+		return err
+	}
+	if tok.KeyName != "" && !strings.EqualFold(tok.KeyName, dps.RegistrationKeyName) {
+		return station.Errorf(op, station.KindUnauthorized, "the token's key name is %q, not %q", tok.KeyName, dps.RegistrationKeyName)
+	}
+	if err := tok.Verify(key, d.now); err != nil {
+		return station.E(op, station.KindUnauthorized, err)
+	}
+	return nil
+}
+
+// DecodeDeviceRegistration reads the body of a register or lookup request
+// (§1.3) for the registration ID of the URL: any JSON object or nothing
+// (some SDKs send no body); a registrationId in the body must equal the
+// URL's, ignoring case. Kinds: Invalid.
+func DecodeDeviceRegistration(body []byte, registrationID string) (*dps.DeviceRegistration, error) {
+	var reg dps.DeviceRegistration
+	if err := dps.Decode(body, &reg); err != nil {
+		return nil, err
+	}
+	if reg.RegistrationID != "" && !strings.EqualFold(reg.RegistrationID, registrationID) {
+		return nil, station.Errorf("read device registration", station.KindInvalid,
+			"the body's registrationId %.130q is not the URL's %.130q: send the same ID in both", reg.RegistrationID, registrationID)
+	}
+	return &reg, nil
+}
+
+// newDeviceRequest checks the scope and the registration ID of a device
+// request and reads its body and enrollment. Kinds: Unauthorized (wrong
+// scope, no enrollment: DPS does not tell them apart), Invalid.
+func (s *Server) newDeviceRequest(ctx context.Context, r *http.Request, trackingID, scope, registrationID string, withBody bool) (*deviceRequest, error) {
+	const op = "read device request"
+	d := &deviceRequest{r: r, trackingID: trackingID, registrationID: registrationID, now: s.now(), idScope: s.idScope}
+	if !strings.EqualFold(scope, s.idScope) {
+		return nil, station.Errorf(op, station.KindUnauthorized, "ID scope %.40q is not this service's %s: check the device's ID scope", scope, s.idScope)
+	}
+	if err := checkRegistrationID(registrationID); err != nil {
+		return nil, err
+	}
+	d.body = &dps.DeviceRegistration{}
+	if withBody {
+		b, err := readBody(r)
+		if err != nil {
+			return nil, err
+		}
+		if d.body, err = DecodeDeviceRegistration(b, registrationID); err != nil {
+			return nil, err
+		}
+	}
+	e, err := s.db.enrollment(ctx, registrationID)
+	if station.KindOf(err) == station.KindNotFound {
+		return nil, station.E(op, station.KindUnauthorized, err)
+	}
+	if err != nil {
+		return nil, err
+	}
+	d.enrollment = e
+	return d, nil
+}
+
+// attestationFor returns the attestation of an enrollment.
+// Kinds: Unauthorized (a type this server does not attest yet).
+func (s *Server) attestationFor(e *dps.IndividualEnrollment) (attestation, error) {
+	a, ok := s.attest[strings.ToLower(e.Attestation.Type)]
+	if !ok {
+		return nil, station.Errorf("attest device", station.KindUnauthorized,
+			"enrollment %q uses %q attestation, which this devserver does not support yet: enroll the device with TPM attestation",
+			e.RegistrationID, e.Attestation.Type)
+	}
+	return a, nil
+}
+
+// authenticate runs the attestation of a request that must carry
+// credentials. Kinds: Unauthorized.
+func (s *Server) authenticate(ctx context.Context, d *deviceRequest) (attestation, *identity, error) {
+	a, err := s.attestationFor(d.enrollment)
+	if err != nil {
+		return nil, nil, err
+	}
+	id, err := a.authenticate(ctx, d)
+	if err != nil {
+		if k := station.KindOf(err); k == station.KindNotFound || k == station.KindInvalid {
+			err = station.E("authenticate device", station.KindUnauthorized, err)
+		}
+		return nil, nil, err
+	}
+	return a, id, nil
+}
+
+// register answers PUT /{idScope}/registrations/{regId}/register (§1.5,
+// §4.3): the TPM challenge to a request without Authorization, 202
+// "assigning" with an operation ID to an authenticated one.
+func (s *Server) register(w http.ResponseWriter, r *http.Request, trackingID, scope, registrationID string) {
+	ctx := r.Context()
+	log := s.log.With("trackingId", trackingID, "registrationId", registrationID)
+	log.Debug("register", "apiVersion", r.URL.Query().Get("api-version"))
+	d, err := s.newDeviceRequest(ctx, r, trackingID, scope, registrationID, true)
+	if err != nil {
+		s.writeError(w, r, trackingID, err)
+		return
+	}
+	if r.Header.Get("Authorization") == "" {
+		a, err := s.attestationFor(d.enrollment)
+		if err != nil {
+			s.writeError(w, r, trackingID, err)
+			return
+		}
+		done, err := a.challenge(ctx, w, d)
+		if err == nil && !done {
+			err = station.Errorf("register device", station.KindUnauthorized, "the request has no Authorization header")
+		}
+		if err != nil {
+			s.writeError(w, r, trackingID, err)
+			return
+		}
+		log.Info("TPM challenge sent")
+		return
+	}
+	if _, _, err := s.authenticate(ctx, d); err != nil {
+		s.writeError(w, r, trackingID, err)
+		return
+	}
+	opID := newOperationID()
+	now := s.now()
+	if err := s.db.startOperation(ctx, opID, d.enrollment.RegistrationID, now, now.Add(s.cfg.OperationTTL)); err != nil {
+		if station.KindOf(err) == station.KindNotFound {
+			err = station.E("register device", station.KindUnauthorized, err)
+		}
+		s.writeError(w, r, trackingID, err)
+		return
+	}
+	s.startAssignment(opID, trackingID)
+	log.Info("registration accepted", "operationId", opID)
+	w.Header()["retry-after"] = []string{retryAfter(s.cfg.RetryAfter)} // lower case, verbatim (§11.1)
+	writeJSON(w, http.StatusAccepted, dps.RegistrationOperationStatus{OperationID: opID, Status: dps.StatusAssigning})
+}
+
+// poll answers GET /{idScope}/registrations/{regId}/operations/{opId}:
+// 202 "assigning" with retry-after while the assignment runs, then 200 with
+// the final state (§1.5).
+func (s *Server) poll(w http.ResponseWriter, r *http.Request, trackingID, scope, registrationID, opID string) {
+	ctx := r.Context()
+	d, err := s.newDeviceRequest(ctx, r, trackingID, scope, registrationID, false)
+	if err != nil {
+		s.writeError(w, r, trackingID, err)
+		return
+	}
+	if _, _, err := s.authenticate(ctx, d); err != nil {
+		s.writeError(w, r, trackingID, err)
+		return
+	}
+	o, err := s.db.operation(ctx, opID, d.now)
+	if err == nil && !strings.EqualFold(o.RegistrationID, registrationID) {
+		err = station.Errorf("poll operation", station.KindNotFound, "operation %.80q is not one of registration %q", opID, registrationID)
+	}
+	if err != nil {
+		s.writeError(w, r, trackingID, err)
+		return
+	}
+	if o.Status == dps.StatusAssigning {
+		w.Header()["retry-after"] = []string{retryAfter(s.cfg.RetryAfter)}
+		writeJSON(w, http.StatusAccepted, dps.RegistrationOperationStatus{
+			OperationID: o.ID, Status: dps.StatusAssigning,
+			RegistrationState: &dps.DeviceRegistrationState{RegistrationID: o.RegistrationID, Status: dps.StatusAssigning},
+		})
+		return
+	}
+	var state dps.DeviceRegistrationState
+	if err := json.Unmarshal(o.Result, &state); err != nil {
+		s.writeError(w, r, trackingID, station.E("poll operation", station.KindInternal, err))
+		return
+	}
+	writeJSON(w, http.StatusOK, dps.RegistrationOperationStatus{OperationID: o.ID, Status: o.Status, RegistrationState: &state})
+}
+
+// lookup answers POST /{idScope}/registrations/{regId}: the device's
+// registration state, bare (§1.1). A TPM device without Authorization
+// gets the challenge first, as for register.
+func (s *Server) lookup(w http.ResponseWriter, r *http.Request, trackingID, scope, registrationID string) {
+	ctx := r.Context()
+	d, err := s.newDeviceRequest(ctx, r, trackingID, scope, registrationID, true)
+	if err != nil {
+		s.writeError(w, r, trackingID, err)
+		return
+	}
+	if r.Header.Get("Authorization") == "" {
+		a, err := s.attestationFor(d.enrollment)
+		if err == nil {
+			var done bool
+			if done, err = a.challenge(ctx, w, d); err == nil && done {
+				return
+			}
+			if err == nil {
+				err = station.Errorf("look up registration", station.KindUnauthorized, "the request has no Authorization header")
+			}
+		}
+		s.writeError(w, r, trackingID, err)
+		return
+	}
+	if _, _, err := s.authenticate(ctx, d); err != nil {
+		s.writeError(w, r, trackingID, err)
+		return
+	}
+	reg, err := s.db.registration(ctx, registrationID)
+	if err != nil {
+		s.writeError(w, r, trackingID, err)
+		return
+	}
+	writeJSON(w, http.StatusOK, reg.state())
+}
+
+// checkRegistrationID checks a registration ID's shape: 1 to 128
+// characters, alphanumerics and - . _ : (§6). Kinds: Invalid.
+func checkRegistrationID(id string) error {
+	ok := id != "" && len(id) <= 128
+	for i := 0; ok && i < len(id); i++ {
+		c := id[i]
+		ok = 'a' <= c && c <= 'z' || 'A' <= c && c <= 'Z' || '0' <= c && c <= '9' || strings.IndexByte("-._:", c) >= 0
+	}
+	if !ok {
+		return station.Errorf("check registration ID", station.KindInvalid,
+			"registration ID %.130q: use 1 to 128 letters, digits and - . _ :", id)
+	}
+	return nil
+}
+
+// newOperationID returns an operation ID shaped like DPS's:
+// 4.<16 hex digits>.<uuid>.
+func newOperationID() string {
+	u := uuid()
+	return "4." + strings.ReplaceAll(uuid(), "-", "")[:16] + "." + u
+}
+
+// startAssignment runs the assignment of operation opID in a goroutine,
+// unless the server is closing (the operation then resumes at the next
+// New).
+func (s *Server) startAssignment(opID, trackingID string) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ctx.Err() != nil {
+		return
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		log := s.log.With("trackingId", trackingID, "operationId", opID)
+		if d := s.cfg.AssignmentDelay; d > 0 {
+			t := time.NewTimer(d)
+			select {
+			case <-t.C:
+			case <-s.ctx.Done():
+				t.Stop()
+				return
+			}
+		}
+		if err := s.assign(s.ctx, opID, log); err != nil {
+			if s.ctx.Err() != nil {
+				return // closing: resumed at the next New
+			}
+			log.Error("assignment failed", "err", err)
+		}
+	}()
+}
+
+// assign decides the outcome of an operation: disabled, failed (no hub),
+// or assigned to a hub with the device's key and twin.
+func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) error {
+	now := s.now()
+	o, err := s.db.operation(ctx, opID, now)
+	if err != nil {
+		return err
+	}
+	prev, err := s.db.registration(ctx, o.RegistrationID)
+	if err != nil {
+		return err
+	}
+	e, err := s.db.enrollment(ctx, o.RegistrationID)
+	if err != nil {
+		return err
+	}
+	reg := &registration{
+		RegistrationID: prev.RegistrationID,
+		Created:        prev.Created,
+		Updated:        now,
+		ETag:           newRegistrationETag(),
+		Enabled:        true, // a failed attempt leaves an earlier assignment as it was
+	}
+	state := &dps.DeviceRegistrationState{}
+
+	switch {
+	case strings.EqualFold(e.ProvisioningStatus, dps.ProvisioningDisabled):
+		reg.Status, reg.Enabled = dps.StatusDisabled, false
+		reg.ErrorCode, reg.ErrorMessage = dps.CodeUnauthorized, "The enrollment is disabled."
+	default:
+		hub, err := s.chooseHub(e, prev)
+		var ae *allocationError
+		if errors.As(err, &ae) {
+			reg.Status, reg.ErrorCode, reg.ErrorMessage = dps.StatusFailed, ae.code, ae.message
+			break
+		}
+		a, err := s.attestationFor(e)
+		if err != nil {
+			return err
+		}
+		id, st, err := a.result(ctx, e)
+		if err != nil {
+			return err
+		}
+		state = st
+		reg.Status = dps.StatusAssigned
+		reg.Hub = hub
+		reg.DeviceID = e.DeviceID
+		if reg.DeviceID == "" {
+			reg.DeviceID = e.RegistrationID
+		}
+		reg.Key = id.Key
+		reg.Twin = desired(e)
+		reg.Substatus = substatus(prev, hub, e)
+	}
+
+	full := reg.state()
+	full.X509, full.SymmetricKey, full.TPM = state.X509, state.SymmetricKey, state.TPM
+	result, err := json.Marshal(full)
+	if err != nil {
+		return station.E("assign device", station.KindInternal, err)
+	}
+	if err := s.db.finishOperation(ctx, opID, reg, result); err != nil {
+		return err
+	}
+	log.Info("assignment done", "status", reg.Status, "hub", reg.Hub, "deviceId", reg.DeviceID, "errorCode", reg.ErrorCode)
+	return nil
+}
+
+// chooseHub allocates a hub, keeping the earlier one when the enrollment's
+// reprovision policy says not to update the hub assignment (§10).
+func (s *Server) chooseHub(e *dps.IndividualEnrollment, prev *registration) (string, error) {
+	if prev.Hub != "" && e.ReprovisionPolicy != nil && !e.ReprovisionPolicy.UpdateHubAssignment {
+		for _, h := range s.cfg.Hubs {
+			if strings.EqualFold(h.Name, prev.Hub) {
+				return h.Name, nil
+			}
+		}
+	}
+	return allocate(s.cfg.Hubs, e, e.RegistrationID)
+}
+
+// substatus says how an assignment relates to the previous one (§10).
+func substatus(prev *registration, hub string, e *dps.IndividualEnrollment) string {
+	switch {
+	case prev.Hub == "" || strings.EqualFold(prev.Hub, hub):
+		return dps.SubstatusInitialAssignment
+	case e.ReprovisionPolicy != nil && !e.ReprovisionPolicy.MigrateDeviceData:
+		return dps.SubstatusDeviceDataReset
+	}
+	return dps.SubstatusDeviceDataMigrated
+}
+
+// desired returns the desired properties of an enrollment's initial twin,
+// nil when there are none.
+func desired(e *dps.IndividualEnrollment) json.RawMessage {
+	if e.InitialTwin == nil || e.InitialTwin.Properties == nil || len(e.InitialTwin.Properties.Desired) == 0 {
+		return nil
+	}
+	if string(e.InitialTwin.Properties.Desired) == "null" {
+		return nil
+	}
+	return e.InitialTwin.Properties.Desired
+}
