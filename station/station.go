@@ -206,7 +206,13 @@ type Run struct {
 	EKHash         string    `json:"ek_hash,omitempty"`
 	BytesOut       int64     `json:"bytes_out"`
 	BytesIn        int64     `json:"bytes_in"`
-	Steps          []Step    `json:"steps"`
+	// The end-to-end check: what the DPS answered and when the hub saw the
+	// unit's telemetry.
+	DPSStatus   string    `json:"dps_status,omitempty"`
+	AssignedHub string    `json:"assigned_hub,omitempty"`
+	DeviceID    string    `json:"device_id,omitempty"`
+	TelemetryAt time.Time `json:"telemetry_at,omitzero"`
+	Steps       []Step    `json:"steps"`
 }
 
 // Duration is how long the run took (so far, for a running run).

@@ -75,7 +75,8 @@ func (s *Store) AddStep(ctx context.Context, runID int64, st station.Step) error
 }
 
 // FinishRun writes r's final fields: serial, result, error kind and text,
-// model, firmware, registration ID, EK hash, finished time and byte counts.
+// model, firmware, registration ID, EK hash, finished time, byte counts and
+// the end-to-end check's findings.
 // A zero r.Finished becomes s.Now() and is written back to r. Steps are not
 // touched; add them with AddStep. Kinds: NotFound when there is no run r.ID.
 func (s *Store) FinishRun(ctx context.Context, r *station.Run) error {
@@ -85,10 +86,12 @@ func (s *Store) FinishRun(ctx context.Context, r *station.Run) error {
 	}
 	res, err := s.write.ExecContext(ctx, `UPDATE runs SET
 		serial = ?, result = ?, error_kind = ?, error = ?, model = ?, firmware = ?,
-		registration_id = ?, ek_hash = ?, finished = ?, bytes_out = ?, bytes_in = ?
+		registration_id = ?, ek_hash = ?, finished = ?, bytes_out = ?, bytes_in = ?,
+		dps_status = ?, assigned_hub = ?, device_id = ?, telemetry_at = ?
 		WHERE id = ?`,
 		r.Serial, r.Result, r.ErrorKind, r.Error, r.Model, r.Firmware,
-		r.RegistrationID, r.EKHash, encTime(r.Finished), r.BytesOut, r.BytesIn, r.ID)
+		r.RegistrationID, r.EKHash, encTime(r.Finished), r.BytesOut, r.BytesIn,
+		r.DPSStatus, r.AssignedHub, r.DeviceID, encTime(r.TelemetryAt), r.ID)
 	if err != nil {
 		return translate(op, err)
 	}
@@ -108,13 +111,15 @@ func noRun(op string, id int64) error {
 
 // runColumns are the columns scanRun reads, in order.
 const runColumns = `id, serial, port, station, operator, method, started, finished, result,
-	error_kind, error, model, firmware, registration_id, ek_hash, bytes_out, bytes_in`
+	error_kind, error, model, firmware, registration_id, ek_hash, bytes_out, bytes_in,
+	dps_status, assigned_hub, device_id, telemetry_at`
 
 func scanRun(sc interface{ Scan(...any) error }) (*station.Run, error) {
 	r := new(station.Run)
 	err := sc.Scan(&r.ID, &r.Serial, &r.Port, &r.Station, &r.Operator, &r.Method,
 		timeScanner{&r.Started}, timeScanner{&r.Finished}, &r.Result, &r.ErrorKind, &r.Error,
-		&r.Model, &r.Firmware, &r.RegistrationID, &r.EKHash, &r.BytesOut, &r.BytesIn)
+		&r.Model, &r.Firmware, &r.RegistrationID, &r.EKHash, &r.BytesOut, &r.BytesIn,
+		&r.DPSStatus, &r.AssignedHub, &r.DeviceID, timeScanner{&r.TelemetryAt})
 	return r, err
 }
 
