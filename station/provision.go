@@ -25,6 +25,8 @@ type Provisioner struct {
 	SerialPattern *regexp.Regexp
 	Now           func() time.Time // defaults to time.Now
 	Logger        *slog.Logger     // defaults to slog.Default()
+	// EndToEnd, when set, proves each unit against a DPS before it passes.
+	EndToEnd *EndToEnd
 	// OnStep, when set, is told when a step starts (Done false) and ends
 	// (Done true). It is called from the provisioning goroutine: a GUI must
 	// hand the event over to its own thread.
@@ -45,6 +47,14 @@ type StepEvent struct {
 	Serial string
 	Step   Step // while running: Name and Started only
 	Done   bool
+}
+
+// Steps lists the steps a run goes through under this provisioner.
+func (p *Provisioner) Steps() []string {
+	if p.EndToEnd != nil {
+		return EndToEndSteps
+	}
+	return TPMSteps
 }
 
 // Provision provisions the unit on req.Port and returns its run. The run is
@@ -294,6 +304,12 @@ func (w *runner) steps(prof Profile) error {
 		return "serial and EK not seen before", nil, nil
 	}); err != nil {
 		return err
+	}
+
+	if p.EndToEnd != nil {
+		if err := w.endToEnd(p.EndToEnd, e); err != nil {
+			return err
+		}
 	}
 
 	return w.step(StepRecord, func() (string, error, error) {
