@@ -81,9 +81,7 @@ func runSimulate(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintln(e.stdout, d.dut.Path())
 		fmt.Fprintf(e.stderr, "DUT %s on %s tpm=%s line=%q roots=%s\n", serial, d.dut.Path(), d.tpmName, lineName(o.lineRate), d.roots)
 	}
-	if f, ok := e.stdout.(*os.File); ok {
-		f.Sync()
-	}
+	syncStdout(e)
 	fmt.Fprintln(e.stderr, "simulated DUTs are running; press Ctrl-C to stop them")
 	<-ctx.Done()
 	return nil
@@ -148,9 +146,7 @@ func simulateChildren(ctx context.Context, e *env, args []string, o simOptions) 
 	for _, p := range paths {
 		fmt.Fprintln(e.stdout, p)
 	}
-	if f, ok := e.stdout.(*os.File); ok {
-		f.Sync()
-	}
+	syncStdout(e)
 	wg.Wait()
 	return nil
 }
@@ -240,4 +236,12 @@ func randomHex(n int) string {
 	b := make([]byte, n)
 	_, _ = rand.Read(b)
 	return fmt.Sprintf("%X", b)
+}
+
+// syncStdout flushes stdout when it is a file, so that a script reading it
+// sees the lines now.
+func syncStdout(e *env) {
+	if f, ok := e.stdout.(*os.File); ok {
+		_ = f.Sync()
+	}
 }
