@@ -1,6 +1,9 @@
 // Package agent is the device-side agent of Kiln: it serves the DUT link on
-// the device's serial line, answers HELLO with the device's identity and
-// passes TPM 2.0 commands through to the device's TPM.
+// the device's serial line, answers HELLO with the device's identity,
+// passes TPM 2.0 commands through to the device's TPM, keeps the
+// provisioning config the station writes (ConfigStore) and, when told,
+// registers with DPS by TPM attestation, connects to the assigned IoT Hub
+// and sends a telemetry message, streaming its progress to the station.
 //
 // It is pure Go and builds with CGO_ENABLED=0 for linux/arm64, arm and amd64;
 // cmd/kiln-agent is its binary.
@@ -31,6 +34,8 @@ type Config struct {
 	Info station.DeviceInfo
 	// TPM is the device's TPM, e.g. /dev/tpmrm0 through go-tpm's linuxtpm.
 	TPM transport.TPM
+	// Store keeps the provisioning config; nil means a MemoryStore.
+	Store ConfigStore
 	// MaxFrame is the largest frame the agent accepts; 0 means
 	// link.DefaultMaxFrame.
 	MaxFrame int
@@ -47,6 +52,8 @@ type Agent struct {
 
 	tpmMu sync.Mutex // the TPM is single-access
 	tpm   transport.TPM
+
+	store ConfigStore
 }
 
 var _ link.Handler = (*Agent)(nil)
@@ -66,7 +73,11 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.TPM != nil && !info.Has(CapTPM) {
 		info.Capabilities = append(info.Capabilities, CapTPM)
 	}
-	return &Agent{info: info, maxFrame: cfg.MaxFrame, log: log.With("component", "agent"), tpm: cfg.TPM}, nil
+	store := cfg.Store
+	if store == nil {
+		store = &MemoryStore{}
+	}
+	return &Agent{info: info, maxFrame: cfg.MaxFrame, log: log.With("component", "agent"), tpm: cfg.TPM, store: store}, nil
 }
 
 // Info returns the device info given in Config (link.Serve sets Protocol).
@@ -107,8 +118,11 @@ func commandCode(cmd []byte) string {
 }
 
 // Serve answers the station on rw (the device's serial line) until ctx is
-// done or the line fails; see link.Serve.
+// done or the line fails; see link.Serve. Besides HELLO and TPM it answers
+// WRITE CONFIG, READ CONFIG and PROVISION (link.AddProvisioning).
 func (a *Agent) Serve(ctx context.Context, rw io.ReadWriter) error {
 	a.log.Info("serving DUT link", "serial", a.info.Serial, "model", a.info.Model, "capabilities", a.info.Capabilities)
-	return link.Serve(ctx, rw, a, link.ServeConfig{MaxFrame: a.maxFrame, Logger: a.log})
+	cfg := link.ServeConfig{MaxFrame: a.maxFrame, Logger: a.log}
+	link.AddProvisioning(&cfg, a)
+	return link.Serve(ctx, rw, a, cfg)
 }

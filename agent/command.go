@@ -22,6 +22,7 @@ type Options struct {
 	Serial   string // overrides what DetectInfo finds
 	Model    string
 	Firmware string
+	Config   string // provisioning config file, e.g. /var/lib/kiln-agent/config.json
 }
 
 // Flags registers the agent command's flags on fs, with tpmHelp describing
@@ -33,6 +34,7 @@ func (o *Options) Flags(fs *flag.FlagSet, tpmHelp string) {
 	fs.StringVar(&o.Serial, "serial", "", "serial number to report (default: from the device tree or DMI)")
 	fs.StringVar(&o.Model, "model", "", "model to report (default: from the device tree or DMI)")
 	fs.StringVar(&o.Firmware, "firmware", "", "firmware version to report (default: from /etc/os-release)")
+	fs.StringVar(&o.Config, "config", DefaultConfigPath, "file keeping the provisioning config the station writes (ID scope, DPS endpoint, registration ID, trust bundle)")
 }
 
 // Run opens the TPM with openTPM and serves the DUT link on the serial port
@@ -52,7 +54,7 @@ func Run(ctx context.Context, o Options, openTPM func(spec string) (transport.TP
 	if o.Firmware != "" {
 		info.Firmware = o.Firmware
 	}
-	cfg := Config{Info: info, Logger: log}
+	cfg := Config{Info: info, Logger: log, Store: NewFileStore(o.Config)}
 	if o.TPM != "" {
 		t, err := openTPM(o.TPM)
 		if err != nil {

@@ -19,8 +19,16 @@ import (
 const (
 	DefaultHelloTimeout = 2 * time.Second
 	DefaultTPMTimeout   = 30 * time.Second
-	DefaultAttempts     = 3
-	DefaultBaudRate     = 115200
+	// DefaultConfigTimeout bounds WRITE CONFIG and READ CONFIG.
+	DefaultConfigTimeout = 10 * time.Second
+	// DefaultProvisionTimeout is how long PROVISION may go without a sign
+	// of life (an event) from the agent.
+	DefaultProvisionTimeout = 120 * time.Second
+	// DefaultProvisionStartTimeout is how long the station waits for the
+	// first event of PROVISION, which the agent sends as soon as it starts.
+	DefaultProvisionStartTimeout = 5 * time.Second
+	DefaultAttempts              = 3
+	DefaultBaudRate              = 115200
 )
 
 // Config configures a Client. The zero value is usable.
@@ -39,6 +47,17 @@ type Config struct {
 	// HelloTimeout and TPMTimeout are per-attempt timeouts; zero means
 	// DefaultHelloTimeout and DefaultTPMTimeout.
 	HelloTimeout, TPMTimeout time.Duration
+	// ConfigTimeout is the per-attempt timeout of WRITE CONFIG and READ
+	// CONFIG; zero means DefaultConfigTimeout.
+	ConfigTimeout time.Duration
+	// ProvisionTimeout is how long PROVISION may run without an event from
+	// the agent (each event restarts it); zero means
+	// DefaultProvisionTimeout.
+	ProvisionTimeout time.Duration
+	// ProvisionStartTimeout is how long the station waits for PROVISION's
+	// first event before it sends the request again; zero means
+	// DefaultProvisionStartTimeout.
+	ProvisionStartTimeout time.Duration
 	// Attempts is how many times a request is sent before the DUT is
 	// declared unavailable; 0 means DefaultAttempts.
 	Attempts int
@@ -62,6 +81,15 @@ func (c *Config) setDefaults() {
 	}
 	if c.TPMTimeout <= 0 {
 		c.TPMTimeout = DefaultTPMTimeout
+	}
+	if c.ConfigTimeout <= 0 {
+		c.ConfigTimeout = DefaultConfigTimeout
+	}
+	if c.ProvisionTimeout <= 0 {
+		c.ProvisionTimeout = DefaultProvisionTimeout
+	}
+	if c.ProvisionStartTimeout <= 0 {
+		c.ProvisionStartTimeout = DefaultProvisionStartTimeout
 	}
 	if c.Attempts <= 0 {
 		c.Attempts = DefaultAttempts
@@ -109,8 +137,12 @@ type pending struct {
 	seq   uint16
 	resp  chan Frame    // the answer (response or error frame)
 	poke  chan struct{} // a NAK or a corrupt frame arrived: retransmit now
-	event chan struct{} // an event frame for this request: the agent is alive
+	event chan Frame    // event frames for this request: the agent is alive
 }
+
+// eventQueue is how many events of a request wait to be handled before
+// more are dropped (the timer is restarted all the same).
+const eventQueue = 64
 
 // Open opens the serial port at path (8N1 at cfg.BaudRate, 115200 by
 // default) and returns a Client on it. DTR and RTS are raised best-effort
@@ -213,9 +245,12 @@ func (c *Client) readLoop() {
 			c.pmu.Lock()
 			if p := c.pending; p != nil && p.seq == f.Seq {
 				select {
-				case p.event <- struct{}{}:
+				case p.event <- f:
 				default:
+					c.log.Debug("dropped an event: the station is not keeping up", "seq", f.Seq)
 				}
+			} else {
+				c.log.Debug("ignored event of a request not waited for", "seq", f.Seq)
 			}
 			c.pmu.Unlock()
 		case TypeResponse, TypeError:
@@ -251,6 +286,14 @@ func (c *Client) signal(ch func(*pending) chan struct{}) {
 // with the same sequence number after a timeout, a NAK or a corrupt frame,
 // up to cfg.Attempts sends in all.
 func (c *Client) roundTrip(ctx context.Context, op string, cmd Command, payload []byte, timeout time.Duration) (Frame, error) {
+	return c.roundTripEvents(ctx, op, cmd, payload, timeout, timeout, nil)
+}
+
+// roundTripEvents is roundTrip for a command that streams events: each
+// attempt waits first for the first event or the answer, then idle between
+// events; each event of the request restarts the timer and is passed to
+// onEvent (when not nil) on the caller's goroutine, in order.
+func (c *Client) roundTripEvents(ctx context.Context, op string, cmd Command, payload []byte, first, idle time.Duration, onEvent func(Frame)) (Frame, error) {
 	if c.closed.Load() {
 		return Frame{}, station.Errorf(op, station.KindUnavailable, "the link to the %s is closed", c.dut)
 	}
@@ -265,7 +308,7 @@ func (c *Client) roundTrip(ctx context.Context, op string, cmd Command, payload 
 		return Frame{}, station.Errorf(op, station.KindInvalid, "a %d-byte request does not fit the %s's %d-byte frame limit", n, c.dut, limit)
 	}
 	c.seq++
-	p := &pending{seq: c.seq, resp: make(chan Frame, 1), poke: make(chan struct{}, 1), event: make(chan struct{}, 1)}
+	p := &pending{seq: c.seq, resp: make(chan Frame, 1), poke: make(chan struct{}, 1), event: make(chan Frame, eventQueue)}
 	c.pmu.Lock()
 	c.pending = p
 	c.pmu.Unlock()
@@ -291,6 +334,7 @@ func (c *Client) roundTrip(ctx context.Context, op string, cmd Command, payload 
 		return Frame{}, err
 	}
 	attempts := 1
+	timeout := first
 	timer := time.NewTimer(timeout)
 	defer timer.Stop()
 	retry := func(why string) error {
@@ -303,6 +347,17 @@ func (c *Client) roundTrip(ctx context.Context, op string, cmd Command, payload 
 	for {
 		select {
 		case f := <-p.resp:
+			// Events the agent sent before its answer were queued before it.
+			for drained := false; !drained; {
+				select {
+				case e := <-p.event:
+					if onEvent != nil && e.Cmd == cmd {
+						onEvent(e)
+					}
+				default:
+					drained = true
+				}
+			}
 			c.requests.Add(1)
 			if f.Cmd != cmd {
 				return Frame{}, station.Errorf(op, station.KindInvalid, "the %s answered %v to a %v request: the agent is faulty", c.dut, f.Cmd, cmd)
@@ -318,8 +373,12 @@ func (c *Client) roundTrip(ctx context.Context, op string, cmd Command, payload 
 					return Frame{}, err
 				}
 			}
-		case <-p.event:
+		case f := <-p.event:
+			timeout = idle
 			timer.Reset(timeout)
+			if onEvent != nil && f.Cmd == cmd {
+				onEvent(f)
+			}
 		case <-timer.C:
 			if attempts >= c.cfg.Attempts {
 				return Frame{}, station.Errorf(op, station.KindUnavailable,

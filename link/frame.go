@@ -66,7 +66,7 @@ const (
 	TypeResponse Type = 2 // agent → station: the command's result
 	TypeError    Type = 3 // agent → station: the command failed (kind + message)
 	TypeNAK      Type = 4 // agent → station: a corrupt frame arrived; retransmit now
-	TypeEvent    Type = 5 // agent → station: progress of a running command (reserved)
+	TypeEvent    Type = 5 // agent → station: progress of a running command (PROVISION)
 )
 
 var typeNames = [...]string{"", "request", "response", "error", "NAK", "event"}
@@ -81,8 +81,8 @@ func (t Type) String() string {
 // Command is a command code (byte 4 of a frame).
 type Command uint8
 
-// The command codes. Only CmdHello and CmdTPM are implemented; the others are
-// reserved with the meaning given and are answered with an "unknown command"
+// The command codes. CmdHello, CmdTPM, CmdWriteConfig, CmdReadConfig and
+// CmdProvision are implemented; the others are reserved with the meaning given and are answered with an "unknown command"
 // error until they are. Codes 0x80–0xFF are for vendor extensions.
 const (
 	CmdNone           Command = 0x00 // used by NAK frames; never a request
@@ -91,9 +91,9 @@ const (
 	CmdKeyCSR         Command = 0x10 // reserved: generate a key pair and return a CSR
 	CmdWriteCertChain Command = 0x11 // reserved: store the issued certificate chain
 	CmdWriteSymKey    Command = 0x12 // reserved: store a symmetric (DPS) key
-	CmdWriteConfig    Command = 0x20 // reserved: write config (ID scope, endpoint, registration ID, trust bundle)
-	CmdReadConfig     Command = 0x21 // reserved: read the config back
-	CmdProvision      Command = 0x30 // reserved: register with DPS now, progress streamed as events
+	CmdWriteConfig    Command = 0x20 // write config (ID scope, endpoint, registration ID, trust bundle)
+	CmdReadConfig     Command = 0x21 // read the config back
+	CmdProvision      Command = 0x30 // register with DPS and send telemetry now, progress streamed as events
 	CmdFactoryReset   Command = 0x40 // reserved: erase provisioning data
 )
 

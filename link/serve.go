@@ -42,9 +42,20 @@ type ServeConfig struct {
 	// Commands adds commands beyond HELLO and TPM (or replaces TPM); HELLO
 	// is always answered by Serve itself.
 	Commands map[Command]HandlerFunc
+	// Streams adds commands that report progress as event frames while they
+	// run (see StreamFunc); a code in both maps is answered by Streams.
+	Streams map[Command]StreamFunc
 	// Logger receives protocol events; nil discards them.
 	Logger *slog.Logger
 }
+
+// StreamFunc answers one command that runs long and reports its progress:
+// each call of emit sends an event frame carrying payload, with the
+// request's sequence number and command code, before the answer. emit may
+// be called only from the goroutine running the StreamFunc and only until it
+// returns; it fails (and sends nothing) when the payload does not fit the
+// station's frame limit or the line fails.
+type StreamFunc func(ctx context.Context, payload []byte, emit func(payload []byte) error) ([]byte, error)
 
 type readResult struct {
 	f   Frame
@@ -69,6 +80,7 @@ func Serve(ctx context.Context, rw io.ReadWriter, h Handler, cfg ServeConfig) er
 		minV:     cfg.MinVersion,
 		maxV:     cfg.MaxVersion,
 		cmds:     cfg.Commands,
+		streams:  cfg.Streams,
 		log:      cfg.Logger,
 	}
 	if s.minV == 0 {
@@ -146,6 +158,7 @@ type server struct {
 	maxFrame   int
 	minV, maxV int
 	cmds       map[Command]HandlerFunc
+	streams    map[Command]StreamFunc
 	log        *slog.Logger
 
 	hello    bool   // a HELLO succeeded in this session
@@ -191,7 +204,10 @@ func (s *server) handle(ctx context.Context, f Frame) error {
 		out []byte
 		err error
 	)
+	sfn, stream := s.streams[f.Cmd]
 	switch fn, ok := s.cmds[f.Cmd]; {
+	case stream:
+		out, err = s.stream(ctx, f, sfn)
 	case ok:
 		out, err = fn(ctx, f.Payload)
 	case f.Cmd == CmdTPM:
@@ -216,6 +232,30 @@ func (s *server) handle(ctx context.Context, f Frame) error {
 		return fmt.Errorf("write DUT link: %w", err)
 	}
 	return nil
+}
+
+// stream runs a StreamFunc, giving it an emit that writes event frames for
+// request f until it returns.
+func (s *server) stream(ctx context.Context, f Frame, fn StreamFunc) ([]byte, error) {
+	var (
+		buf  []byte
+		done bool
+	)
+	emit := func(p []byte) error {
+		if done {
+			return errors.New("the command has answered already: events go before the answer")
+		}
+		if MinFrame+len(p) > s.peerMax {
+			return fmt.Errorf("a %d-byte event does not fit the station's %d-byte frame limit", len(p), s.peerMax)
+		}
+		buf = AppendFrame(buf[:0], Frame{Type: TypeEvent, Seq: f.Seq, Cmd: f.Cmd, Payload: p})
+		if _, err := s.rw.Write(buf); err != nil {
+			return fmt.Errorf("write DUT link: %w", err)
+		}
+		return nil
+	}
+	defer func() { done = true }()
+	return fn(ctx, f.Payload, emit)
 }
 
 func (s *server) errorFrame(req Frame, k station.Kind, msg string) Frame {

@@ -1,0 +1,351 @@
+package dps_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/base64"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/kilnworks/kiln/devserver"
+	"github.com/kilnworks/kiln/dps"
+	"github.com/kilnworks/kiln/fixtures"
+	"github.com/kilnworks/kiln/hsm"
+	"github.com/kilnworks/kiln/hsm/tpmsim"
+	"github.com/kilnworks/kiln/station"
+)
+
+// devEnv is a running devserver (DPS over HTTPS) with its embedded hub,
+// both with certificates from a throwaway CA.
+type devEnv struct {
+	dps     *devserver.Server
+	hub     *devserver.Hub
+	hubName string // the linked hub's name: 127.0.0.1:port, dialled as it is
+	roots   *x509.CertPool
+	pem     string // the CA certificate, PEM
+}
+
+// serverCert issues a TLS server certificate for 127.0.0.1 from ca.
+func serverCert(t *testing.T, ca *fixtures.CA) tls.Certificate {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(time.Now().UnixNano()),
+		Subject:      pkix.Name{CommonName: "127.0.0.1"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
+		DNSNames:     []string{"localhost"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.Key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
+}
+
+// freeAddr returns a loopback address that was free a moment ago: the hub
+// must be named (host:port) before it listens.
+func freeAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+func startDevserver(t *testing.T) *devEnv {
+	t.Helper()
+	ca, err := fixtures.NewCA("kiln dps test CA")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert := serverCert(t, ca)
+	env := &devEnv{hubName: freeAddr(t), roots: x509.NewCertPool()}
+	env.roots.AddCert(ca.Cert)
+	env.pem = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Cert.Raw}))
+
+	env.dps, err = devserver.New(devserver.Config{
+		DataDir:    t.TempDir(),
+		TLS:        &tls.Config{Certificates: []tls.Certificate{cert}},
+		Hubs:       []devserver.LinkedHub{{Name: env.hubName, ApplyAllocationPolicy: true}},
+		RetryAfter: time.Second,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { env.dps.Close() })
+	if err := env.dps.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	env.hub, err = devserver.NewHub(devserver.HubConfig{
+		Addr:      env.hubName,
+		TLS:       &tls.Config{Certificates: []tls.Certificate{cert}},
+		Hosts:     []string{env.hubName},
+		Directory: env.dps,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := env.hub.Start(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { env.hub.Close() })
+	return env
+}
+
+func (env *devEnv) httpClient() *http.Client {
+	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: env.roots}}}
+}
+
+// enroll creates an individual TPM enrollment through the service API.
+func (env *devEnv) enroll(t *testing.T, regID string, ekPublic []byte) {
+	t.Helper()
+	cs, err := dps.ParseConnectionString(env.dps.ServiceConnectionString())
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, err := json.Marshal(dps.IndividualEnrollment{
+		RegistrationID: regID,
+		Attestation: dps.AttestationMechanism{
+			Type: dps.AttestationTPM,
+			TPM:  &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ekPublic)},
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	u := "https://" + env.dps.Addr() + "/enrollments/" + regID + "?api-version=2021-10-01"
+	req, err := http.NewRequestWithContext(t.Context(), http.MethodPut, u, bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", cs.SAS(time.Now().Add(time.Hour)))
+	resp, err := env.httpClient().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusCreated {
+		var b bytes.Buffer
+		b.ReadFrom(resp.Body)
+		t.Fatalf("PUT enrollment: HTTP %d: %s", resp.StatusCode, b.String())
+	}
+}
+
+// simTPM opens a fresh simulator TPM with an EK and SRK, closed when the
+// test ends. Only one simulator exists per process at a time.
+func simTPM(t *testing.T) *hsm.TPM {
+	t.Helper()
+	sim, err := tpmsim.Open()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sim.Close() })
+	if err := fixtures.Manufacture(t.Context(), sim, nil); err != nil {
+		t.Fatal(err)
+	}
+	return hsm.New(sim)
+}
+
+// TestRegisterTPMEndToEnd registers a simulator TPM with the real
+// devserver, connects to its embedded hub with the TPM-held key and checks
+// that the hub recorded the telemetry.
+func TestRegisterTPMEndToEnd(t *testing.T) {
+	env := startDevserver(t)
+	tpm := simTPM(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 60*time.Second)
+	defer cancel()
+	e, err := tpm.Endorsement(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	regID := station.RegistrationIDFromEK(e.EKPublic)
+	env.enroll(t, regID, e.EKPublic)
+
+	var stages []string
+	dc := &dps.DeviceClient{
+		Endpoint: env.dps.Addr(),
+		IDScope:  env.dps.IDScope(),
+		HTTP:     env.httpClient(),
+		Progress: func(stage, detail string) { stages = append(stages, stage) },
+	}
+	st, err := dc.RegisterTPM(ctx, regID, tpm, json.RawMessage(`{"line":"A"}`))
+	if err != nil {
+		t.Fatalf("RegisterTPM: %v (stages %v)", err, stages)
+	}
+	if st.Status != dps.StatusAssigned || st.AssignedHub != env.hubName || st.DeviceID == "" {
+		t.Fatalf("state = status %q hub %q device %q, want assigned to %s", st.Status, st.AssignedHub, st.DeviceID, env.hubName)
+	}
+	want := []string{"register", "challenge", "activated", "assigned"}
+	if got := slices.DeleteFunc(slices.Clone(stages), func(s string) bool { return s == "assigning" }); !slices.Equal(got, want) {
+		t.Errorf("stages = %v, want %v with any number of assigning", stages, want)
+	}
+
+	hub, err := dps.ConnectHub(ctx, dps.HubConfig{
+		Addr: st.AssignedHub, DeviceID: st.DeviceID, Signer: tpm.HMAC, TLS: &tls.Config{RootCAs: env.roots},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer hub.Close()
+	body := []byte(`{"kiln":"end-to-end check"}`)
+	mid, err := hub.SendTelemetry(ctx, body, map[string]string{"serial": "SN 1/2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := env.hub.WaitTelemetry(ctx, st.AssignedHub, st.DeviceID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Properties["$.mid"] != mid || mid == "" {
+		t.Errorf("hub recorded $.mid %q, client returned %q", got.Properties["$.mid"], mid)
+	}
+	if got.Properties["serial"] != "SN 1/2" {
+		t.Errorf("hub recorded properties %v, want serial=SN 1/2", got.Properties)
+	}
+	if !bytes.Equal(got.Body, body) {
+		t.Errorf("hub recorded body %q, want %q", got.Body, body)
+	}
+	if err := hub.Close(); err != nil {
+		t.Errorf("Close: %v", err)
+	}
+	if err := hub.Close(); err != nil {
+		t.Errorf("second Close: %v", err)
+	}
+
+	// The hub refuses a token signed with any other key.
+	_, err = dps.ConnectHub(ctx, dps.HubConfig{
+		Addr: st.AssignedHub, DeviceID: st.DeviceID, Key: []byte("not the device key"), TLS: &tls.Config{RootCAs: env.roots},
+	})
+	if k := station.KindOf(err); k != station.KindUnauthorized {
+		t.Errorf("ConnectHub with a wrong key: kind %v (%v), want unauthorized", k, err)
+	}
+}
+
+// TestRegisterTPMRefusals checks the errors of registrations the devserver
+// refuses and of a server the device does not trust.
+func TestRegisterTPMRefusals(t *testing.T) {
+	env := startDevserver(t)
+	tpm := simTPM(t)
+	ctx := t.Context()
+	e, err := tpm.Endorsement(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	regID := station.RegistrationIDFromEK(e.EKPublic)
+	dc := &dps.DeviceClient{Endpoint: env.dps.Addr(), IDScope: env.dps.IDScope(), HTTP: env.httpClient()}
+
+	// Not enrolled.
+	_, err = dc.RegisterTPM(ctx, regID, tpm, nil)
+	if k := station.KindOf(err); k != station.KindUnauthorized && k != station.KindNotFound {
+		t.Errorf("unenrolled: kind %v (%v), want unauthorized or not found", k, err)
+	}
+	if err != nil && !strings.Contains(err.Error(), "error 40") {
+		t.Errorf("unenrolled: %q does not carry the DPS error code", err)
+	}
+
+	// Enrolled with another TPM's EK: the challenge is made for that EK,
+	// so this TPM cannot activate it.
+	other := append([]byte(nil), e.EKPublic...)
+	other[len(other)-1] ^= 1 // another modulus
+	env.enroll(t, regID, other)
+	_, err = dc.RegisterTPM(ctx, regID, tpm, nil)
+	if err == nil {
+		t.Errorf("registration with an enrollment for another EK succeeded")
+	}
+
+	// A device that does not trust the server's CA.
+	untrusting := &dps.DeviceClient{Endpoint: env.dps.Addr(), IDScope: env.dps.IDScope()}
+	_, err = untrusting.RegisterTPM(ctx, regID, tpm, nil)
+	if k := station.KindOf(err); k != station.KindUnauthorized || !strings.Contains(err.Error(), "trust bundle") {
+		t.Errorf("untrusted server: kind %v (%v), want unauthorized naming the trust bundle", k, err)
+	}
+}
+
+// fakeTPM is enough of a TPM for answers that stop before activation.
+type fakeTPM struct{}
+
+func (fakeTPM) Endorsement(context.Context) (*station.Endorsement, error) {
+	return &station.Endorsement{EKPublic: []byte{0, 1, 2}, SRKPublic: []byte{3, 4}}, nil
+}
+func (fakeTPM) ActivateDPS(context.Context, []byte) error {
+	return station.Errorf("activate", station.KindInternal, "fakeTPM cannot activate")
+}
+func (fakeTPM) HMAC(context.Context, []byte) ([]byte, error) { return make([]byte, 32), nil }
+
+// TestRegisterTPMErrorKinds checks how DPS error answers to the first
+// register become error kinds, with DPS's code and message in the text,
+// and that the first request carries no Authorization.
+func TestRegisterTPMErrorKinds(t *testing.T) {
+	tests := []struct {
+		status int
+		want   station.Kind
+	}{
+		{http.StatusUnauthorized, station.KindUnauthorized},
+		{http.StatusNotFound, station.KindNotFound},
+		{http.StatusTooManyRequests, station.KindUnavailable},
+		{http.StatusInternalServerError, station.KindUnavailable},
+		{http.StatusServiceUnavailable, station.KindUnavailable},
+		{http.StatusBadRequest, station.KindInvalid},
+		{http.StatusOK, station.KindInvalid}, // a success where the challenge was due
+	}
+	for _, tt := range tests {
+		t.Run(fmt.Sprint(tt.status), func(t *testing.T) {
+			var auth []string
+			var path string
+			srv := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				auth = append(auth, r.Header.Get("Authorization"))
+				path = r.URL.Path + "?" + r.URL.RawQuery
+				w.WriteHeader(tt.status)
+				fmt.Fprintf(w, `{"errorCode":%d123,"trackingId":"t","message":"told you so","timestampUtc":"2026-01-01T00:00:00Z"}`, tt.status)
+			}))
+			defer srv.Close()
+			dc := &dps.DeviceClient{Endpoint: strings.TrimPrefix(srv.URL, "https://"), IDScope: "0ne00TEST", HTTP: srv.Client()}
+			_, err := dc.RegisterTPM(t.Context(), "dev-1", fakeTPM{}, nil)
+			if k := station.KindOf(err); k != tt.want {
+				t.Fatalf("kind %v (%v), want %v", k, err, tt.want)
+			}
+			if tt.status >= 300 && !strings.Contains(err.Error(), fmt.Sprintf("%d123: told you so", tt.status)) {
+				t.Errorf("error %q does not carry DPS's code and message", err)
+			}
+			if want := "/0ne00TEST/registrations/dev-1/register?api-version=2019-03-31"; path != want {
+				t.Errorf("path = %s, want %s", path, want)
+			}
+			if len(auth) != 1 || auth[0] != "" {
+				t.Errorf("Authorization headers = %q, want one empty (the TPM challenge request)", auth)
+			}
+		})
+	}
+}
+
+func TestTelemetryTopic(t *testing.T) {
+	got := dps.TelemetryTopic("dev-1", "m 1", map[string]string{"b": "x&y+#", "a": "1", "$.mid": "ignored"})
+	want := "devices/dev-1/messages/events/%24.mid=m%201&a=1&b=x%26y%2B%23"
+	if got != want {
+		t.Errorf("TelemetryTopic = %s, want %s", got, want)
+	}
+}
