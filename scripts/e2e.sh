@@ -57,7 +57,7 @@ serial_pair() { # serial_pair NAME: $work/NAME-dut and $work/NAME-station
   echo "socat made no pty pair"; return 1
 }
 serial_pair sim
-"$kiln" agent --port "$work/sim-dut" --tpm sim --serial AGENT-SIM-1 --model e2e 2> "$work/agent-sim.log" &
+"$kiln" agent --port "$work/sim-dut" --tpm sim --serial AGENT-SIM-1 --model e2e --config "$work/agent-sim.json" 2> "$work/agent-sim.log" &
 pids+=($!)
 "$kiln" provision --port "$work/sim-station" --ek-cert-policy off > "$work/p5.txt"
 check "kiln agent (simulator) over a serial pair passes" grep -q '^PASS  AGENT-SIM-1' "$work/p5.txt"
@@ -70,11 +70,13 @@ swtpm socket --tpm2 --server type=tcp,port=$port,bindaddr=127.0.0.1 --ctrl type=
 pids+=($!)
 serial_pair bin
 sleep 0.3
-"$PWD/bin/kiln-agent-linux-amd64" --port "$work/bin-dut" --tpm "swtpm:127.0.0.1:$port" --serial AGENT-BIN-1 2> "$work/agent-bin.log" &
+"$PWD/bin/kiln-agent-linux-amd64" --port "$work/bin-dut" --tpm "swtpm:127.0.0.1:$port" --serial AGENT-BIN-1 --config "$work/agent-bin.json" 2> "$work/agent-bin.log" &
 pids+=($!)
 "$kiln" provision --port "$work/bin-station" --ek-cert-policy warn > "$work/p6.txt"
 check "kiln-agent (pure Go) with swtpm over a serial pair passes" grep -q '^PASS  AGENT-BIN-1' "$work/p6.txt"
 check "its EK was created on the empty TPM" grep -q 'EK created and persisted' "$work/p6.txt"
+check "it registered with DPS and its telemetry reached the hub" grep -q 'verify-hub *ok' "$work/p6.txt"
+check "the agent kept its configuration in its file (0600)" test "$(stat -c %a "$work/agent-bin.json")" = 600
 
 echo "$pass passed, $fail failed"
 [ "$fail" = 0 ]

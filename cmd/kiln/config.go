@@ -28,6 +28,12 @@ type config struct {
 	EKRoots       string               `json:"ek_roots"` // folder of manufacturer roots and intermediates (PEM)
 	SerialPattern string               `json:"serial_pattern,omitempty"`
 	Baud          int                  `json:"baud"`
+	// Verify is the end-to-end check before a unit passes: "embedded" (the
+	// station's own DPS and hub) or "off".
+	Verify string `json:"verify"`
+	// Production is the DPS the DUT is pointed at after the check; nil
+	// leaves the verification configuration on the DUT.
+	Production *station.DeviceConfig `json:"production,omitempty"`
 }
 
 const configFile = "station.json"
@@ -47,7 +53,7 @@ func loadConfig(e *env) (*config, error) {
 		return nil, fmt.Errorf("create the data directory: %w", err)
 	}
 	p := station.DefaultProfile()
-	c := &config{Home: home, Station: p.Station, Method: p.Method, RegID: p.RegID, EKCertPolicy: p.EKCertPolicy, Baud: 115200}
+	c := &config{Home: home, Station: p.Station, Method: p.Method, RegID: p.RegID, EKCertPolicy: p.EKCertPolicy, Baud: 115200, Verify: "embedded"}
 	path := filepath.Join(home, configFile)
 	b, err := os.ReadFile(path)
 	switch {
@@ -90,6 +96,13 @@ func (c *config) profileFlags(fs *flag.FlagSet) {
 	})
 	fs.StringVar(&c.EKRoots, "roots", c.EKRoots, "folder of trusted TPM manufacturer roots and intermediates (PEM)")
 	fs.StringVar(&c.SerialPattern, "serial-pattern", c.SerialPattern, "regular expression a serial number must match")
+	fs.Func("verify", "end-to-end check before a unit passes: embedded (the station's DPS and hub) or off (default "+c.Verify+")", func(s string) error {
+		if s != "embedded" && s != "off" {
+			return fmt.Errorf("%q is not embedded or off", s)
+		}
+		c.Verify = s
+		return nil
+	})
 }
 
 func (c *config) profile() station.Profile {

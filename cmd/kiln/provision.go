@@ -80,6 +80,17 @@ func newProvisioner(ctx context.Context, e *env, c *config) (*station.Provisione
 	if err != nil {
 		return nil, nil, err
 	}
+	closeAll := func() { store.Close() }
+	var x *station.EndToEnd
+	if c.Verify == "embedded" {
+		var stop func()
+		x, stop, err = startEndToEnd(ctx, e, c)
+		if err != nil {
+			store.Close()
+			return nil, nil, fmt.Errorf("start the embedded DPS for the end-to-end check: %w", err)
+		}
+		closeAll = func() { stop(); store.Close() }
+	}
 	log := e.logger()
 	p := &station.Provisioner{
 		Store: store,
@@ -91,18 +102,19 @@ func newProvisioner(ctx context.Context, e *env, c *config) (*station.Provisione
 		Profile:       c.profile(),
 		SerialPattern: pattern,
 		Logger:        log,
+		EndToEnd:      x,
 	}
-	return p, func() { store.Close() }, nil
+	return p, closeAll, nil
 }
 
 func printStep(w io.Writer, s station.Step) {
-	line := fmt.Sprintf("  %-17s %-4s %8s", s.Name, s.Status, ms(s.Duration))
+	line := fmt.Sprintf("  %-18s %-4s %8s", s.Name, s.Status, ms(s.Duration))
 	if s.Detail != "" {
 		line += "  " + s.Detail
 	}
 	fmt.Fprintln(w, line)
 	if s.Error != "" {
-		fmt.Fprintf(w, "  %-17s      %8s  %s\n", "", "", s.Error)
+		fmt.Fprintf(w, "  %-18s      %8s  %s\n", "", "", s.Error)
 	}
 }
 

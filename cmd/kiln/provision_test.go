@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -13,6 +14,7 @@ import (
 	"github.com/kilnworks/kiln/fixtures"
 	"github.com/kilnworks/kiln/hsm"
 	"github.com/kilnworks/kiln/hsm/tpmsim"
+	"github.com/kilnworks/kiln/link"
 	"github.com/kilnworks/kiln/station"
 	"github.com/kilnworks/kiln/station/sqlite"
 )
@@ -109,8 +111,13 @@ func kiln(t *testing.T, home string, args ...string) (code int, stdout, stderr s
 	return code, out.String(), errb.String()
 }
 
+// provisionJSON runs kiln provision --json; without the end-to-end check
+// unless args ask for it (--verify embedded).
 func provisionJSON(t *testing.T, home string, args ...string) (int, runRecord, string) {
 	t.Helper()
+	if !slices.Contains(args, "--verify") {
+		args = append(args, "--verify", "off")
+	}
 	code, out, errOut := kiln(t, home, append([]string{"provision", "--json"}, args...)...)
 	var rr runRecord
 	if err := json.Unmarshal([]byte(out), &rr); err != nil {
@@ -201,7 +208,7 @@ func TestProvisionTPMEndToEnd(t *testing.T) {
 func TestProvisionTextOutput(t *testing.T) {
 	home := t.TempDir()
 	d, _ := startDUT(t, dutOpts{serial: "SN-000102"})
-	code, out, _ := kiln(t, home, "provision", "--port", d.path, "--roots", d.roots)
+	code, out, _ := kiln(t, home, "provision", "--port", d.path, "--roots", d.roots, "--verify", "off")
 	if code != exitPass {
 		t.Fatalf("exit %d:\n%s", code, out)
 	}
@@ -386,5 +393,77 @@ func TestProvisionNoSuchPort(t *testing.T) {
 	code, rr, _ := provisionJSON(t, home, "--port", filepath.Join(t.TempDir(), "ttyNONE"))
 	if code != exitFail || rr.Result != station.ResultFail || stepStatuses(rr.Run)[station.StepConnect] != station.StepFail {
 		t.Errorf("missing port: exit %d, %+v", code, rr.Run)
+	}
+}
+
+func TestProvisionEndToEndCheck(t *testing.T) {
+	home := t.TempDir()
+	prod := station.DeviceConfig{IDScope: "0ne00PROD01", GlobalEndpoint: "global.azure-devices-provisioning.net"}
+	cfg, err := json.Marshal(map[string]any{"production": prod})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(home, configFile), cfg, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d, _ := startDUT(t, dutOpts{serial: "SN-000701"})
+	code, rr, stderr := provisionJSON(t, home, "--port", d.path, "--roots", d.roots, "--ek-cert-policy", "require", "--verify", "embedded")
+	if code != exitPass {
+		t.Fatalf("exit %d: %s\nsteps: %+v\n%s", code, rr.Error, rr.Steps, stderr)
+	}
+	var names []string
+	for _, s := range rr.Steps {
+		names = append(names, s.Name)
+		if s.Status != station.StepOK {
+			t.Errorf("step %s: %s %s", s.Name, s.Status, s.Error)
+		}
+	}
+	if got, want := strings.Join(names, ","), strings.Join(station.EndToEndSteps, ","); got != want {
+		t.Errorf("steps %s, want %s", got, want)
+	}
+	if rr.DPSStatus != "assigned" || rr.AssignedHub == "" || rr.DeviceID != rr.RegistrationID || rr.TelemetryAt.IsZero() {
+		t.Errorf("end-to-end findings: status %q hub %q device %q telemetry %v", rr.DPSStatus, rr.AssignedHub, rr.DeviceID, rr.TelemetryAt)
+	}
+	if rr.TelemetryAt.Before(rr.Started) || rr.TelemetryAt.After(rr.Finished) {
+		t.Errorf("telemetry at %v is outside the run %v–%v", rr.TelemetryAt, rr.Started, rr.Finished)
+	}
+
+	// The record holds the DPS result and the time the hub saw telemetry.
+	stored, err := openStore(t, home).Run(t.Context(), rr.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if stored.DPSStatus != "assigned" || stored.AssignedHub != rr.AssignedHub || !stored.TelemetryAt.Equal(rr.TelemetryAt) {
+		t.Errorf("stored run: %q %q %v", stored.DPSStatus, stored.AssignedHub, stored.TelemetryAt)
+	}
+
+	// The DUT ships pointing at production.
+	l, err := link.Open(t.Context(), d.path, link.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	got, err := l.ReadConfig(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := prod
+	want.RegistrationID = rr.RegistrationID
+	if got != want {
+		t.Errorf("DUT config after the run:\n got %+v\nwant %+v", got, want)
+	}
+}
+
+func TestProvisionEndToEndDisabledTPM(t *testing.T) {
+	// A DUT whose agent has no TPM cannot pass: it is refused at identify.
+	home := t.TempDir()
+	dut, err := fixtures.StartDUT(t.Context(), fixtures.DUTConfig{Info: station.DeviceInfo{Serial: "SN-000702"}, LineRate: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dut.Close()
+	code, rr, _ := provisionJSON(t, home, "--port", dut.Path(), "--verify", "embedded")
+	if code != exitFail || rr.ErrorKind != "invalid" || !strings.Contains(rr.Error, "no TPM") {
+		t.Errorf("DUT without TPM: exit %d kind %s: %s", code, rr.ErrorKind, rr.Error)
 	}
 }

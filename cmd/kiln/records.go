@@ -146,6 +146,12 @@ func recordsShow(ctx context.Context, e *env, args []string) error {
 	if run.EKHash != "" {
 		fmt.Fprintf(w, "  EK sha256  %s\n", run.EKHash)
 	}
+	if run.DPSStatus != "" {
+		fmt.Fprintf(w, "  DPS        %s, hub %s, device %s\n", run.DPSStatus, run.AssignedHub, run.DeviceID)
+	}
+	if !run.TelemetryAt.IsZero() {
+		fmt.Fprintf(w, "  telemetry  seen by the hub %s\n", run.TelemetryAt.Local().Format(time.RFC3339Nano))
+	}
 	fmt.Fprintf(w, "  link       %d bytes out, %d bytes in\n", run.BytesOut, run.BytesIn)
 	if run.Error != "" {
 		fmt.Fprintf(w, "  reason     %s\n", run.Error)

@@ -1,0 +1,91 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"net/http"
+	"path/filepath"
+	"time"
+
+	"github.com/kilnworks/kiln/devserver"
+	"github.com/kilnworks/kiln/dps"
+	"github.com/kilnworks/kiln/station"
+)
+
+// dpsCheck is the station's end-to-end check against its embedded DPS:
+// enrollments and registration states through the DPS service API (the
+// same API Azure DPS offers), telemetry from the embedded hub.
+type dpsCheck struct {
+	svc *dps.ServiceClient
+	hub *devserver.Hub
+}
+
+var (
+	_ station.Enroller = (*dpsCheck)(nil)
+	_ station.Observer = (*dpsCheck)(nil)
+)
+
+func (d *dpsCheck) EnrollTPM(ctx context.Context, regID string, ekPublic []byte) error {
+	_, err := d.svc.PutEnrollment(ctx, &dps.IndividualEnrollment{
+		RegistrationID: regID,
+		Attestation: dps.AttestationMechanism{
+			Type: dps.AttestationTPM,
+			TPM:  &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ekPublic)},
+		},
+		ProvisioningStatus: "enabled",
+	}, "")
+	return err
+}
+
+func (d *dpsCheck) Registration(ctx context.Context, regID string) (station.RegistrationState, error) {
+	st, err := d.svc.RegistrationState(ctx, regID)
+	if err != nil {
+		return station.RegistrationState{}, err
+	}
+	return station.RegistrationState{
+		Status:       st.Status,
+		AssignedHub:  st.AssignedHub,
+		DeviceID:     st.DeviceID,
+		ErrorCode:    st.ErrorCode,
+		ErrorMessage: st.ErrorMessage,
+	}, nil
+}
+
+func (d *dpsCheck) WaitTelemetry(ctx context.Context, hub, deviceID string) (time.Time, error) {
+	t, err := d.hub.WaitTelemetry(ctx, hub, deviceID)
+	if err != nil {
+		return time.Time{}, err
+	}
+	return t.Received, nil
+}
+
+// startEndToEnd starts the embedded DPS of the data directory and returns
+// the end-to-end check that runs against it.
+func startEndToEnd(ctx context.Context, e *env, c *config) (*station.EndToEnd, func(), error) {
+	d, err := startEmbeddedDPS(ctx, filepath.Join(c.Home, "devserver"), dpsOptions{addr: "127.0.0.1:0", hubAddr: "127.0.0.1:0", retryAfter: time.Second}, e.logger())
+	if err != nil {
+		return nil, nil, err
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(d.caPEM)
+	httpc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}}
+	svc, err := dps.NewServiceClient(d.dps.ServiceConnectionString(), dps.ServiceOptions{HTTP: httpc, BaseURL: "https://" + d.dps.Addr()})
+	if err != nil {
+		d.Close()
+		return nil, nil, err
+	}
+	check := &dpsCheck{svc: svc, hub: d.hub}
+	x := &station.EndToEnd{
+		Enroller: check,
+		Observer: check,
+		Verify: station.DeviceConfig{
+			IDScope:        d.dps.IDScope(),
+			GlobalEndpoint: d.dps.Addr(),
+			TrustBundle:    string(d.caPEM),
+		},
+		Production: c.Production,
+	}
+	return x, func() { httpc.CloseIdleConnections(); d.Close() }, nil
+}
