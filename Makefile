@@ -72,6 +72,7 @@ lint: deps
 ## e2e: the built binaries end to end: simulated DUTs on ptys, provision, records.
 e2e: build
 	./scripts/e2e.sh
+	./scripts/e2e-node.sh
 
 clean:
 	rm -rf $(BIN)

@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"net"
 	"path/filepath"
 	"time"
 )
@@ -34,7 +35,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	}
 	defer d.Close()
 	info := serveInfo{
-		GlobalEndpoint:    d.dps.Addr(),
+		GlobalEndpoint:    endpoint(d.dps.Addr()),
 		IDScope:           d.dps.IDScope(),
 		ServiceConnection: d.dps.ServiceConnectionString(),
 		Hub:               d.hub.Addr(),
@@ -65,4 +66,14 @@ type serveInfo struct {
 	ServiceConnection string `json:"service_connection_string"`
 	Hub               string `json:"hub"`
 	TrustBundle       string `json:"trust_bundle"`
+}
+
+// endpoint is how clients name an HTTPS address: without the port when it
+// is 443, which is what the Azure SDKs' DPS transports expect (they always
+// connect to 443 and take the endpoint as a host name).
+func endpoint(addr string) string {
+	if host, port, err := net.SplitHostPort(addr); err == nil && port == "443" {
+		return host
+	}
+	return addr
 }

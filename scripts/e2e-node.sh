@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# DPS compatibility with the official Azure IoT Node SDK clients, TPM slice:
+# `kiln serve` (the embedded DPS and IoT hub) on 127.0.0.1:443, swtpm on
+# 127.0.0.1:2323 (where tss.js looks for a TPM on Linux), and
+# e2e/node/tpm.test.js: a TPM enrollment made with the service client,
+# registration over HTTPS, telemetry to the assigned hub over MQTT with the
+# TPM-held key, and the refusals. Run by `make e2e` after `make build`; needs
+# root (the SDK's HTTP transport and service client only use port 443), Node
+# 20 and npm, swtpm. Prints "N passed, M failed" last; exits 1 on a failure.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+kiln=$root/bin/kiln
+
+die() { echo "e2e-node: $*" >&2; echo "0 passed, 1 failed"; exit 1; }
+[ "$(id -u)" = 0 ] || die "must run as root: kiln serve has to listen on 127.0.0.1:443, the only port the Node SDK's DPS HTTP transport and service client use"
+[ -x "$kiln" ] || die "$kiln is missing: run make build first"
+command -v node >/dev/null && command -v npm >/dev/null || die "node and npm are required (Node 20)"
+command -v swtpm >/dev/null || die "swtpm is not installed: apt-get install swtpm swtpm-tools"
+for port in 443 2323 2324; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then die "127.0.0.1:$port is in use: stop what listens there"; fi
+done
+
+# The SDK packages, exactly as pinned by the lock (no install scripts: tss.js
+# pulls ffi-napi, which does not build on Node 20 and is only used on Windows).
+(cd e2e/node && if [ -f package-lock.json ]; then npm ci --ignore-scripts --no-audit --no-fund --loglevel=error;
+  else npm install --ignore-scripts --no-audit --no-fund --loglevel=error; fi) >/dev/null || die "npm install failed in e2e/node"
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+pass=0 fail=0
+check() { # check NAME CONDITION-COMMAND...
+  local name=$1; shift
+  if "$@"; then echo "ok    $name"; pass=$((pass+1)); else echo "FAIL  $name"; fail=$((fail+1)); fi
+}
+
+# swtpm with a fresh state: tss.js finds no /dev/tpm*, falls back to
+# 127.0.0.1:2323 and frames commands as the MS simulator's TPM_SEND_COMMAND
+# (cmd 8, locality, size, command), which swtpm's TCP server recognises and
+# answers in the same framing (size, response, 0). The SDK makes the EK and SRK.
+mkdir -p "$work/swtpm"
+swtpm socket --tpm2 --server type=tcp,port=2323,bindaddr=127.0.0.1 --ctrl type=tcp,port=2324,bindaddr=127.0.0.1 \
+  --flags not-need-init,startup-clear --tpmstate dir="$work/swtpm" > "$work/swtpm.log" 2>&1 &
+pids+=($!)
+
+# The DPS emulator, with a throwaway home; -v logs the hub's telemetry.
+export KILN_HOME=$work/home
+"$kiln" -v serve --addr 127.0.0.1:443 --json > "$work/serve.json" 2> "$work/serve.log" &
+pids+=($!)
+for _ in $(seq 300); do
+  grep -q '}' "$work/serve.json" 2>/dev/null && (exec 3<>/dev/tcp/127.0.0.1/2323) 2>/dev/null && break
+  sleep 0.1
+done
+grep -q '}' "$work/serve.json" || { cat "$work/serve.log" >&2; die "kiln serve did not start"; }
+(exec 3<>/dev/tcp/127.0.0.1/2323) 2>/dev/null || { cat "$work/swtpm.log" >&2; die "swtpm did not start"; }
+field() { node -e 'const j = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")); console.log(j[process.argv[2]])' "$work/serve.json" "$1"; }
+endpoint=$(field global_endpoint)
+cs=$(field service_connection_string)
+export NODE_EXTRA_CA_CERTS
+NODE_EXTRA_CA_CERTS=$(field trust_bundle)
+# The SDK wants host names and connects to 443 itself; kiln serve prints
+# them so on 443, and the checks below prove it.
+export KILN_GLOBAL_ENDPOINT=$endpoint
+export KILN_SERVICE_CS=$cs
+export KILN_ID_SCOPE
+KILN_ID_SCOPE=$(field id_scope)
+export KILN_SERVE_LOG=$work/serve.log
+check "kiln serve prints the global endpoint as the SDK wants it (host only on 443)" test "$endpoint" = "127.0.0.1"
+check "kiln serve prints the service connection string as the SDK wants it (HostName without :443)" grep -q '^HostName=127.0.0.1;' <<< "$cs"
+
+set +e
+node --no-deprecation e2e/node/tpm.test.js | tee "$work/node.txt"
+set -e
+n_ok=$(grep -c '^ok ' "$work/node.txt" || true)
+n_fail=$(grep -c '^FAIL ' "$work/node.txt" || true)
+pass=$((pass + n_ok)) fail=$((fail + n_fail))
+grep -q '^node: ' "$work/node.txt" || { echo "FAIL  the node test did not finish"; fail=$((fail+1)); }
+if [ "$fail" != 0 ]; then
+  echo "--- kiln serve log (last 40 lines)"; tail -n 40 "$work/serve.log"
+fi
+echo "$pass passed, $fail failed"
+[ "$fail" = 0 ]
