@@ -26,6 +26,10 @@ type dpsOptions struct {
 	hubAddr    string // the embedded IoT Hub (MQTT over TLS)
 	idScope    string
 	retryAfter time.Duration
+	// tlsCert and tlsKey, when set, are the PEM files of the certificate
+	// (with its chain) and key the DPS and hub serve, instead of a TLS
+	// identity made at start.
+	tlsCert, tlsKey string
 }
 
 // embeddedDPS is the devserver and its embedded hub, running.
@@ -47,14 +51,23 @@ func (e *embeddedDPS) Close() {
 // ever written to disk, and the CA certificate is written to dir/ca.pem for
 // devices and SDK clients to trust.
 func startEmbeddedDPS(ctx context.Context, dir string, o dpsOptions, log *slog.Logger) (*embeddedDPS, error) {
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	var err error
+	if err = os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	caPEM, cert, err := newTLSIdentity()
-	if err != nil {
+	var caPEM []byte
+	var cert tls.Certificate
+	caPath := filepath.Join(dir, "ca.pem")
+	if o.tlsCert != "" || o.tlsKey != "" {
+		if cert, err = tls.LoadX509KeyPair(o.tlsCert, o.tlsKey); err != nil {
+			return nil, usagef("TLS certificate %s and key %s: %v: give a PEM certificate (with its chain) and its PEM key", o.tlsCert, o.tlsKey, err)
+		}
+		// Devices trust the last certificate of the chain given.
+		chain := cert.Certificate
+		caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: chain[len(chain)-1]})
+	} else if caPEM, cert, err = newTLSIdentity(); err != nil {
 		return nil, fmt.Errorf("make the embedded DPS's TLS certificate: %w", err)
 	}
-	caPath := filepath.Join(dir, "ca.pem")
 	if err := os.WriteFile(caPath, caPEM, 0o644); err != nil {
 		return nil, err
 	}

@@ -22,6 +22,8 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	fs.StringVar(&o.idScope, "id-scope", "", "ID scope (default: one generated on first start and kept)")
 	fs.DurationVar(&o.retryAfter, "retry-after", time.Second, "poll interval the service asks devices for")
 	dir := fs.String("data", "", "data directory of the DPS (default $KILN_HOME/devserver)")
+	fs.StringVar(&o.tlsCert, "tls-cert", "", "PEM certificate (with its chain) to serve instead of one made at start")
+	fs.StringVar(&o.tlsKey, "tls-key", "", "PEM key of --tls-cert")
 	asJSON := fs.Bool("json", false, "print the endpoints as one JSON object")
 	if err := parse(fs, args, false); err != nil {
 		return err

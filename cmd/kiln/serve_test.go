@@ -5,9 +5,12 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"io"
 	"net/http"
 	"os"
+	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -91,5 +94,70 @@ func TestServe(t *testing.T) {
 	go io.Copy(io.Discard, pr2)
 	if info2.IDScope != info.IDScope {
 		t.Errorf("ID scope after restart %s, want %s", info2.IDScope, info.IDScope)
+	}
+}
+
+func TestServeWithGivenCertificate(t *testing.T) {
+	caPEM, cert, err := newTLSIdentity()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	var chain []byte
+	for _, der := range cert.Certificate {
+		chain = append(chain, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})...)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(cert.PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	certPath, keyPath := filepath.Join(dir, "tls.pem"), filepath.Join(dir, "tls.key")
+	if err := os.WriteFile(certPath, chain, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		t.Fatal(err)
+	}
+
+	home := t.TempDir()
+	ctx, cancel := context.WithCancel(t.Context())
+	defer cancel()
+	pr, pw := io.Pipe()
+	go func() {
+		e := &env{stdout: pw, stderr: io.Discard, getenv: func(k string) string {
+			if k == "KILN_HOME" {
+				return home
+			}
+			return ""
+		}}
+		run(ctx, []string{"serve", "--json", "--tls-cert", certPath, "--tls-key", keyPath}, e)
+		pw.Close()
+	}()
+	var info serveInfo
+	if err := json.NewDecoder(pr).Decode(&info); err != nil {
+		t.Fatal(err)
+	}
+	go io.Copy(io.Discard, pr)
+	bundle, err := os.ReadFile(info.TrustBundle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(bundle) != string(caPEM) {
+		t.Error("the trust bundle is not the root of the given chain")
+	}
+	pool := x509.NewCertPool()
+	pool.AppendCertsFromPEM(caPEM)
+	conn, err := tls.Dial("tcp", info.GlobalEndpoint, &tls.Config{RootCAs: pool, ServerName: "localhost"})
+	if err != nil {
+		t.Fatalf("TLS to the DPS with the given certificate: %v", err)
+	}
+	defer conn.Close()
+	if got := conn.ConnectionState().PeerCertificates[0].Raw; string(got) != string(cert.Certificate[0]) {
+		t.Error("the DPS does not serve the given certificate")
+	}
+
+	code, _, stderr := kiln(t, t.TempDir(), "serve", "--tls-cert", certPath, "--tls-key", certPath)
+	if code != exitUsage || !strings.Contains(stderr, "TLS certificate") {
+		t.Errorf("a bad key file: exit %d %s", code, stderr)
 	}
 }
