@@ -1,19 +1,11 @@
 package agent_test
 
 import (
-	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
-	"encoding/pem"
-	"math/big"
-	"net"
 	"net/http"
 	"slices"
 	"strings"
@@ -146,88 +138,34 @@ type devEnv struct {
 
 func startDevserver(t *testing.T) *devEnv {
 	t.Helper()
-	ca, err := fixtures.NewCA("kiln agent test CA")
+	emb, err := devserver.StartEmbedded(t.Context(), devserver.EmbeddedConfig{DataDir: t.TempDir(), RetryAfter: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
+	t.Cleanup(func() { emb.Close() })
+	env := &devEnv{dps: emb.DPS, hub: emb.Hub, hubName: emb.Hub.Addr(), roots: x509.NewCertPool(), pem: string(emb.TrustPEM)}
+	if !env.roots.AppendCertsFromPEM(emb.TrustPEM) {
+		t.Fatal("the embedded DPS's trust bundle holds no certificate")
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano()),
-		Subject:      pkix.Name{CommonName: "127.0.0.1"},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.Key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert := tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
-	ln, err := net.Listen("tcp", "127.0.0.1:0") // the hub is named host:port before it listens
-	if err != nil {
-		t.Fatal(err)
-	}
-	env := &devEnv{hubName: ln.Addr().String(), roots: x509.NewCertPool()}
-	ln.Close()
-	env.roots.AddCert(ca.Cert)
-	env.pem = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Cert.Raw}))
-	env.dps, err = devserver.New(devserver.Config{
-		DataDir:    t.TempDir(),
-		TLS:        &tls.Config{Certificates: []tls.Certificate{cert}},
-		Hubs:       []devserver.LinkedHub{{Name: env.hubName, ApplyAllocationPolicy: true}},
-		RetryAfter: time.Second,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { env.dps.Close() })
-	if err := env.dps.Start(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	env.hub, err = devserver.NewHub(devserver.HubConfig{
-		Addr: env.hubName, TLS: &tls.Config{Certificates: []tls.Certificate{cert}}, Hosts: []string{env.hubName}, Directory: env.dps,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := env.hub.Start(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { env.hub.Close() })
 	return env
 }
 
 // enroll creates an individual TPM enrollment through the service API.
 func (env *devEnv) enroll(t *testing.T, regID string, ekPublic []byte) {
 	t.Helper()
-	cs, err := dps.ParseConnectionString(env.dps.ServiceConnectionString())
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := json.Marshal(dps.IndividualEnrollment{
-		RegistrationID: regID,
-		Attestation: dps.AttestationMechanism{Type: dps.AttestationTPM,
-			TPM: &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ekPublic)}},
-	})
-	req, err := http.NewRequestWithContext(t.Context(), http.MethodPut,
-		"https://"+env.dps.Addr()+"/enrollments/"+regID+"?api-version=2021-10-01", bytes.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Authorization", cs.SAS(time.Now().Add(time.Hour)))
 	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: env.roots}}}
-	resp, err := hc.Do(req)
+	svc, err := dps.NewServiceClient(env.dps.ServiceConnectionString(), dps.ServiceOptions{HTTP: hc, BaseURL: "https://" + env.dps.Addr()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusCreated {
-		t.Fatalf("PUT enrollment: HTTP %d", resp.StatusCode)
+	_, err = svc.PutEnrollment(t.Context(), &dps.IndividualEnrollment{
+		RegistrationID: regID,
+		Attestation: dps.AttestationMechanism{
+			Type: dps.AttestationTPM,
+			TPM:  &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ekPublic)},
+		},
+	}, "")
+	if err != nil {
+		t.Fatal(err)
 	}
 }

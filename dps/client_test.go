@@ -3,18 +3,11 @@ package dps_test
 import (
 	"bytes"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
-	"encoding/pem"
 	"fmt"
-	"math/big"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"slices"
@@ -40,79 +33,17 @@ type devEnv struct {
 	pem     string // the CA certificate, PEM
 }
 
-// serverCert issues a TLS server certificate for 127.0.0.1 from ca.
-func serverCert(t *testing.T, ca *fixtures.CA) tls.Certificate {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(time.Now().UnixNano()),
-		Subject:      pkix.Name{CommonName: "127.0.0.1"},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1)},
-		DNSNames:     []string{"localhost"},
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.Key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}
-}
-
-// freeAddr returns a loopback address that was free a moment ago: the hub
-// must be named (host:port) before it listens.
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
-}
-
 func startDevserver(t *testing.T) *devEnv {
 	t.Helper()
-	ca, err := fixtures.NewCA("kiln dps test CA")
+	emb, err := devserver.StartEmbedded(t.Context(), devserver.EmbeddedConfig{DataDir: t.TempDir(), RetryAfter: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
-	cert := serverCert(t, ca)
-	env := &devEnv{hubName: freeAddr(t), roots: x509.NewCertPool()}
-	env.roots.AddCert(ca.Cert)
-	env.pem = string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Cert.Raw}))
-
-	env.dps, err = devserver.New(devserver.Config{
-		DataDir:    t.TempDir(),
-		TLS:        &tls.Config{Certificates: []tls.Certificate{cert}},
-		Hubs:       []devserver.LinkedHub{{Name: env.hubName, ApplyAllocationPolicy: true}},
-		RetryAfter: time.Second,
-	})
-	if err != nil {
-		t.Fatal(err)
+	t.Cleanup(func() { emb.Close() })
+	env := &devEnv{dps: emb.DPS, hub: emb.Hub, hubName: emb.Hub.Addr(), roots: x509.NewCertPool(), pem: string(emb.TrustPEM)}
+	if !env.roots.AppendCertsFromPEM(emb.TrustPEM) {
+		t.Fatal("the embedded DPS's trust bundle holds no certificate")
 	}
-	t.Cleanup(func() { env.dps.Close() })
-	if err := env.dps.Start(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	env.hub, err = devserver.NewHub(devserver.HubConfig{
-		Addr:      env.hubName,
-		TLS:       &tls.Config{Certificates: []tls.Certificate{cert}},
-		Hosts:     []string{env.hubName},
-		Directory: env.dps,
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := env.hub.Start(t.Context()); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { env.hub.Close() })
 	return env
 }
 
@@ -123,36 +54,20 @@ func (env *devEnv) httpClient() *http.Client {
 // enroll creates an individual TPM enrollment through the service API.
 func (env *devEnv) enroll(t *testing.T, regID string, ekPublic []byte) {
 	t.Helper()
-	cs, err := dps.ParseConnectionString(env.dps.ServiceConnectionString())
+	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: env.roots}}}
+	svc, err := dps.NewServiceClient(env.dps.ServiceConnectionString(), dps.ServiceOptions{HTTP: hc, BaseURL: "https://" + env.dps.Addr()})
 	if err != nil {
 		t.Fatal(err)
 	}
-	body, err := json.Marshal(dps.IndividualEnrollment{
+	_, err = svc.PutEnrollment(t.Context(), &dps.IndividualEnrollment{
 		RegistrationID: regID,
 		Attestation: dps.AttestationMechanism{
 			Type: dps.AttestationTPM,
 			TPM:  &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ekPublic)},
 		},
-	})
+	}, "")
 	if err != nil {
 		t.Fatal(err)
-	}
-	u := "https://" + env.dps.Addr() + "/enrollments/" + regID + "?api-version=2021-10-01"
-	req, err := http.NewRequestWithContext(t.Context(), http.MethodPut, u, bytes.NewReader(body))
-	if err != nil {
-		t.Fatal(err)
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Authorization", cs.SAS(time.Now().Add(time.Hour)))
-	resp, err := env.httpClient().Do(req)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK && resp.StatusCode != http.StatusCreated {
-		var b bytes.Buffer
-		b.ReadFrom(resp.Body)
-		t.Fatalf("PUT enrollment: HTTP %d: %s", resp.StatusCode, b.String())
 	}
 }
 

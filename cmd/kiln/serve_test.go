@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/kilnworks/kiln/devserver"
 	"github.com/kilnworks/kiln/dps"
 )
 
@@ -98,7 +99,7 @@ func TestServe(t *testing.T) {
 }
 
 func TestServeWithGivenCertificate(t *testing.T) {
-	caPEM, cert, err := newTLSIdentity()
+	caPEM, cert, err := devserver.NewTLSIdentity()
 	if err != nil {
 		t.Fatal(err)
 	}

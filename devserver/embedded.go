@@ -1,0 +1,174 @@
+package devserver
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"log/slog"
+	"math/big"
+	"net"
+	"time"
+
+	"github.com/kilnworks/kiln/station"
+)
+
+// EmbeddedConfig configures a DPS together with the IoT hub it assigns
+// devices to, both on this machine: the station's end-to-end check and
+// `kiln serve`.
+type EmbeddedConfig struct {
+	DataDir string // the DPS's data (Config.DataDir); required
+	Addr    string // DPS device and service API; empty: 127.0.0.1:0
+	HubAddr string // the hub; empty: 127.0.0.1:0. The hub is named by this address.
+	IDScope string
+	// RetryAfter is the poll interval asked of devices; zero means the
+	// DPS default.
+	RetryAfter time.Duration
+	// Certificate is what both serve; nil: a TLS identity made now with
+	// NewTLSIdentity, so that no TLS key needs to be stored.
+	Certificate *tls.Certificate
+	// TrustPEM is the root devices must trust for Certificate (PEM);
+	// ignored when Certificate is nil.
+	TrustPEM []byte
+	Logger   *slog.Logger
+}
+
+// Embedded is a running DPS and its hub.
+type Embedded struct {
+	DPS      *Server
+	Hub      *Hub
+	TrustPEM []byte // the TLS root devices must trust (PEM)
+}
+
+// StartEmbedded starts a DPS and one linked hub that it allocates every
+// device to. Kinds: Invalid (configuration), Unavailable (cannot listen).
+func StartEmbedded(ctx context.Context, cfg EmbeddedConfig) (*Embedded, error) {
+	const op = "start embedded DPS"
+	trust, cert := cfg.TrustPEM, cfg.Certificate
+	if cert == nil {
+		caPEM, c, err := NewTLSIdentity()
+		if err != nil {
+			return nil, station.E(op, station.KindInternal, err)
+		}
+		trust, cert = caPEM, &c
+	}
+	if cfg.Addr == "" {
+		cfg.Addr = "127.0.0.1:0"
+	}
+	if cfg.HubAddr == "" {
+		cfg.HubAddr = "127.0.0.1:0"
+	}
+	hubAddr, err := concreteAddr(cfg.HubAddr)
+	if err != nil {
+		return nil, station.E(op, station.KindInvalid, err)
+	}
+	tlsConf := &tls.Config{Certificates: []tls.Certificate{*cert}, MinVersion: tls.VersionTLS12}
+	srv, err := New(Config{
+		IDScope:    cfg.IDScope,
+		Addr:       cfg.Addr,
+		TLS:        tlsConf,
+		DataDir:    cfg.DataDir,
+		Hubs:       []LinkedHub{{Name: hubAddr, Weight: 1, ApplyAllocationPolicy: true}},
+		Logger:     cfg.Logger,
+		RetryAfter: cfg.RetryAfter,
+	})
+	if err != nil {
+		return nil, err
+	}
+	hub, err := NewHub(HubConfig{Addr: hubAddr, TLS: tlsConf.Clone(), Hosts: []string{hubAddr}, Directory: srv, Logger: cfg.Logger})
+	if err != nil {
+		srv.Close()
+		return nil, err
+	}
+	if err := srv.Start(ctx); err != nil {
+		srv.Close()
+		return nil, err
+	}
+	if err := hub.Start(ctx); err != nil {
+		srv.Close()
+		return nil, err
+	}
+	return &Embedded{DPS: srv, Hub: hub, TrustPEM: trust}, nil
+}
+
+// Close stops the hub and the DPS; it is idempotent.
+func (e *Embedded) Close() error {
+	herr := e.Hub.Close()
+	if err := e.DPS.Close(); err != nil {
+		return err
+	}
+	return herr
+}
+
+// concreteAddr turns a :0 address into one with a free port, because a hub
+// is named by its address before it listens. Another program could take
+// the port in between; Start then fails and says so.
+func concreteAddr(addr string) (string, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", err
+	}
+	if port != "0" {
+		return addr, nil
+	}
+	l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
+	if err != nil {
+		return "", err
+	}
+	defer l.Close()
+	return l.Addr().String(), nil
+}
+
+// NewTLSIdentity makes a throwaway CA and a server certificate for the
+// loopback names (localhost, 127.0.0.1, ::1), and returns the CA
+// certificate (PEM) and the server's certificate chain with its key. The
+// CA key is dropped: nothing else is ever signed with it.
+func NewTLSIdentity() (caPEM []byte, cert tls.Certificate, err error) {
+	now := time.Now()
+	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, tls.Certificate{}, err
+	}
+	caTmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(now.UnixNano()),
+		Subject:               pkix.Name{CommonName: "Kiln embedded DPS TLS root " + now.UTC().Format(time.RFC3339), Organization: []string{"Kiln"}},
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.AddDate(1, 0, 0),
+		KeyUsage:              x509.KeyUsageCertSign,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+		MaxPathLenZero:        true,
+	}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caKey.Public(), caKey)
+	if err != nil {
+		return nil, tls.Certificate{}, err
+	}
+	ca, err := x509.ParseCertificate(caDER)
+	if err != nil {
+		return nil, tls.Certificate{}, err
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, tls.Certificate{}, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(now.UnixNano() + 1),
+		Subject:      pkix.Name{CommonName: "localhost"},
+		NotBefore:    now.Add(-time.Hour),
+		NotAfter:     now.AddDate(1, 0, 0),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		DNSNames:     []string{"localhost"},
+		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, key.Public(), caKey)
+	if err != nil {
+		return nil, tls.Certificate{}, err
+	}
+	caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
+	return caPEM, tls.Certificate{Certificate: [][]byte{der, caDER}, PrivateKey: key}, nil
+}
