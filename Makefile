@@ -9,14 +9,22 @@ STATICCHECK_VERSION := v0.8.2
 FUZZTIME ?= 30s
 BENCHTIME ?= 5x
 export KILN_HOME ?= $(CURDIR)/kiln-data
-export LANG ?= C.UTF-8
+# Fyne cannot parse the C/POSIX locales and says so on every start.
+ifneq ($(filter-out C POSIX,$(LANG)),)
+export LANG
+else
+export LANG := C.UTF-8
+endif
 
 # Debian packages, from platform-notes: what building (cgo: the TPM simulator
 # links libcrypto, SQLite needs gcc) and testing (swtpm, tpm2-tools) need.
-APT_BUILD := make gcc libc6-dev pkg-config libssl-dev
-APT_TEST  := swtpm swtpm-tools tpm2-tools socat ca-certificates
+APT_BUILD := make gcc libc6-dev pkg-config libssl-dev \
+	libgl1-mesa-dev libx11-dev libxcursor-dev libxrandr-dev libxinerama-dev libxi-dev libxxf86vm-dev
+APT_TEST  := swtpm swtpm-tools tpm2-tools socat softhsm2 ca-certificates
+# What `make screenshots` needs to run the GUI under Xvfb and drive it.
+APT_SHOTS := xvfb xauth x11-apps imagemagick xdotool
 
-.PHONY: all deps apt build agents run demo test test-short bench fuzz lint e2e clean
+.PHONY: all deps apt apt-shots build agents run demo screenshots apt-install test test-short bench fuzz lint e2e clean
 
 all: build
 
@@ -25,7 +33,13 @@ deps: apt
 	$(GO) mod download
 
 apt:
-	@missing=""; for p in $(APT_BUILD) $(APT_TEST); do \
+	@$(MAKE) --no-print-directory apt-install PKGS="$(APT_BUILD) $(APT_TEST)"
+
+apt-shots:
+	@$(MAKE) --no-print-directory apt-install PKGS="$(APT_SHOTS)"
+
+apt-install:
+	@missing=""; for p in $(PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
@@ -44,9 +58,19 @@ agents:
 	CGO_ENABLED=0 GOOS=linux GOARCH=arm64 $(GO) build -trimpath -ldflags=-s -o $(BIN)/kiln-agent-linux-arm64 ./cmd/kiln-agent
 	CGO_ENABLED=0 GOOS=linux GOARCH=arm GOARM=7 $(GO) build -trimpath -ldflags=-s -o $(BIN)/kiln-agent-linux-arm ./cmd/kiln-agent
 
-## run: the station on its embedded default (data dir ./kiln-data, a simulated DUT).
+## run: the station GUI on its embedded default (data dir ./kiln-data, the
+## embedded DPS, a simulated DUT).
 run: build
+	$(KILN) gui
+
+## demo: provision one simulated unit end to end on the command line.
+demo: build
 	$(KILN) demo
+
+## screenshots: the real GUI under Xvfb, driven by xdotool to a PASS; PNGs of
+## each screen in docs/screenshots/.
+screenshots: build apt-shots
+	./scripts/screenshots.sh
 
 ## test: vet and the race-enabled test suite (agent/TestCrossBuild builds the
 ## pure-Go agent for linux/arm64, arm and amd64).

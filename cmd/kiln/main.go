@@ -52,6 +52,7 @@ func (e *env) logger() *slog.Logger {
 
 func commands() []command {
 	return []command{
+		{"gui", "[--port PATH] [--simulate] [--operator NAME]", "open the station window (the default; with no port, one simulated DUT)", runGUI},
 		{"provision", "--port PATH [--serial S] [--json]", "provision the DUT on a serial port (TPM method) and record it", runProvision},
 		{"simulate", "[--count N] [--tpm sim|swtpm]", "start simulated DUTs on ptys and print their paths", runSimulate},
 		{"agent", "--port PATH --tpm SPEC", "run the device-side agent on a serial port (what a DUT runs)", runAgent},
@@ -73,7 +74,7 @@ func main() {
 // run runs one kiln command line and returns the process exit code.
 func run(ctx context.Context, args []string, e *env) int {
 	if len(args) == 0 {
-		args = []string{"demo"}
+		args = []string{"gui"}
 	}
 	if args[0] == "-v" || args[0] == "--verbose" {
 		e.logLevel = slog.LevelDebug

@@ -84,7 +84,7 @@ func newProvisioner(ctx context.Context, e *env, c *config) (*station.Provisione
 	var x *station.EndToEnd
 	if c.Verify == "embedded" {
 		var stop func()
-		x, stop, err = startEndToEnd(ctx, e, c)
+		x, _, stop, err = startEndToEnd(ctx, e, c)
 		if err != nil {
 			store.Close()
 			return nil, nil, fmt.Errorf("start the embedded DPS for the end-to-end check: %w", err)

@@ -162,3 +162,10 @@ func TestServeWithGivenCertificate(t *testing.T) {
 		t.Errorf("a bad key file: exit %d %s", code, stderr)
 	}
 }
+
+func TestGUINeedsADisplay(t *testing.T) {
+	code, _, stderr := kiln(t, t.TempDir(), "gui")
+	if code != exitFail || !strings.Contains(stderr, "no display") {
+		t.Errorf("kiln gui without DISPLAY: exit %d: %s", code, stderr)
+	}
+}

@@ -62,11 +62,11 @@ func (d *dpsCheck) WaitTelemetry(ctx context.Context, hub, deviceID string) (tim
 }
 
 // startEndToEnd starts the embedded DPS of the data directory and returns
-// the end-to-end check that runs against it.
-func startEndToEnd(ctx context.Context, e *env, c *config) (*station.EndToEnd, func(), error) {
+// the end-to-end check that runs against it, and the DPS itself.
+func startEndToEnd(ctx context.Context, e *env, c *config) (*station.EndToEnd, *embeddedDPS, func(), error) {
 	d, err := startEmbeddedDPS(ctx, filepath.Join(c.Home, "devserver"), dpsOptions{addr: "127.0.0.1:0", hubAddr: "127.0.0.1:0", retryAfter: time.Second}, e.logger())
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	pool := x509.NewCertPool()
 	pool.AppendCertsFromPEM(d.caPEM)
@@ -74,7 +74,7 @@ func startEndToEnd(ctx context.Context, e *env, c *config) (*station.EndToEnd, f
 	svc, err := dps.NewServiceClient(d.dps.ServiceConnectionString(), dps.ServiceOptions{HTTP: httpc, BaseURL: "https://" + d.dps.Addr()})
 	if err != nil {
 		d.Close()
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	check := &dpsCheck{svc: svc, hub: d.hub}
 	x := &station.EndToEnd{
@@ -87,5 +87,5 @@ func startEndToEnd(ctx context.Context, e *env, c *config) (*station.EndToEnd, f
 		},
 		Production: c.Production,
 	}
-	return x, func() { httpc.CloseIdleConnections(); d.Close() }, nil
+	return x, d, func() { httpc.CloseIdleConnections(); d.Close() }, nil
 }

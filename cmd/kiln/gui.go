@@ -1,0 +1,303 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"fyne.io/fyne/v2"
+	"fyne.io/fyne/v2/app"
+	"go.bug.st/serial/enumerator"
+
+	"github.com/kilnworks/kiln/hsm"
+	"github.com/kilnworks/kiln/station"
+	"github.com/kilnworks/kiln/ui"
+)
+
+// runGUI opens the station window: the provisioner of the data directory
+// with the end-to-end check against the embedded DPS, and, with no port
+// given, one simulated DUT on the first slot.
+func runGUI(ctx context.Context, e *env, args []string) error {
+	c, err := loadConfig(e)
+	if err != nil {
+		return err
+	}
+	fs := newFlags(e, "gui")
+	port := fs.String("port", "", "serial port of the DUT slot (default with --simulate: the simulated DUT's pty)")
+	simulate := fs.Bool("simulate", true, "attach one simulated DUT (default true when no --port is given)")
+	operator := fs.String("operator", e.getenv("USER"), "operator name preset in the login field")
+	fs.IntVar(&c.Baud, "baud", c.Baud, "line rate of the serial port (8N1)")
+	c.profileFlags(fs)
+	if err := parse(fs, args, false); err != nil {
+		return err
+	}
+	if e.getenv("DISPLAY") == "" && e.getenv("WAYLAND_DISPLAY") == "" {
+		return fmt.Errorf("no display: the station GUI needs an X or Wayland session (DISPLAY is not set); on a machine without one, run make demo or kiln provision")
+	}
+	simSet := false
+	fs.Visit(func(f *flag.Flag) { simSet = simSet || f.Name == "simulate" })
+	if *port != "" && !simSet {
+		*simulate = false
+	}
+
+	var sim *guiSim
+	if *simulate {
+		if sim, err = newGUISim(ctx, c); err != nil {
+			return fmt.Errorf("start the simulated DUT: %w", err)
+		}
+		defer sim.Close()
+		// The station trusts the simulated TPM maker, so the EK certificate
+		// is required, as in the demo.
+		c.EKRoots, c.EKCertPolicy = sim.roots, station.EKCertRequire
+	}
+	verify := c.Verify
+	noCheck := *c
+	noCheck.Verify = "off"
+	p, closeStore, err := newProvisioner(ctx, e, &noCheck)
+	if err != nil {
+		return err
+	}
+	defer closeStore()
+	if sim != nil {
+		// A new simulated DUT brings a new maker root: read the folder at
+		// each validation.
+		p.Verifier = rootsDir(c.EKRoots)
+	}
+	var dpsd *embeddedDPS
+	if verify == "embedded" {
+		x, d, stop, err := startEndToEnd(ctx, e, c)
+		if err != nil {
+			return fmt.Errorf("start the embedded DPS for the end-to-end check: %w", err)
+		}
+		defer stop()
+		p.EndToEnd, dpsd = x, d
+	}
+
+	cfg := ui.Config{
+		Provisioner:   p,
+		Records:       p.Store,
+		Station:       c.Station,
+		SerialPattern: p.SerialPattern,
+		Operator:      *operator,
+		HealthEvery:   5 * time.Second,
+		Alert:         func() { fmt.Fprint(e.stderr, "\a") },
+		Save:          func(name string, data []byte) (string, error) { return saveExport(c, name, data) },
+		ListPorts:     listPorts,
+	}
+	slotPort := func() string { return *port }
+	if sim != nil {
+		cfg.Simulator = sim
+		slotPort = func() string { p, _ := sim.DUT(); return p }
+	} else {
+		cfg.Ports = []string{*port}
+	}
+	cfg.Health = []ui.HealthCheck{
+		{Name: "DUT link", Check: func(context.Context) error { return checkPort(slotPort()) }},
+		{Name: "TPM / CA", Check: func(context.Context) error { return checkRoots(c) }},
+		{Name: "Embedded DPS", Check: func(ctx context.Context) error { return checkDPS(ctx, dpsd, verify) }},
+		{Name: "Records store", Check: func(ctx context.Context) error {
+			_, err := p.Store.Runs(ctx, station.RunFilter{Limit: 1})
+			return err
+		}},
+	}
+	if dpsd != nil {
+		cfg.Devserver = &devserverView{d: dpsd, store: p.Store}
+	}
+
+	a := app.NewWithID("io.kilnworks.kiln")
+	a.Settings().SetTheme(ui.Theme())
+	u, err := ui.New(cfg)
+	if err != nil {
+		return err
+	}
+	defer u.Close()
+	p.OnStep = u.Step
+	w := a.NewWindow("Kiln — station " + c.Station)
+	w.SetMainMenu(u.MainMenu())
+	w.SetContent(u.Content())
+	u.FocusScan()
+	w.Resize(fyne.NewSize(1280, 800))
+	go func() {
+		<-ctx.Done()
+		fyne.Do(a.Quit)
+	}()
+	w.ShowAndRun()
+	return nil
+}
+
+// guiSim is the GUI's simulated DUT, which the operator can replace with a
+// fresh one (the in-process TPM simulator allows one DUT per process).
+type guiSim struct {
+	c     *config
+	roots string
+	mu    sync.Mutex
+	d     *simDUT
+}
+
+var _ ui.Simulator = (*guiSim)(nil)
+
+func newGUISim(ctx context.Context, c *config) (*guiSim, error) {
+	g := &guiSim{c: c}
+	if _, _, err := g.Replace(ctx); err != nil {
+		return nil, err
+	}
+	return g, nil
+}
+
+func (g *guiSim) DUT() (string, string) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.d == nil {
+		return "", ""
+	}
+	return g.d.dut.Path(), g.d.serial
+}
+
+// Replace closes the current simulated DUT and starts a new one. The DUT
+// outlives ctx: it runs until the next Replace or Close.
+func (g *guiSim) Replace(ctx context.Context) (string, string, error) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.d != nil {
+		g.d.Close()
+		g.d = nil
+	}
+	d, err := startSimDUT(context.WithoutCancel(ctx), g.c, simOptions{tpm: "sim", lineRate: 115200}, "SIM-"+randomHex(3))
+	if err != nil {
+		return "", "", err
+	}
+	g.d, g.roots = d, d.roots
+	return d.dut.Path(), d.serial, nil
+}
+
+func (g *guiSim) Close() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.d != nil {
+		g.d.Close()
+		g.d = nil
+	}
+}
+
+// rootsDir validates EK certificates against the roots in a folder, read
+// at each validation.
+type rootsDir string
+
+func (r rootsDir) VerifyEKCert(ctx context.Context, e *station.Endorsement) error {
+	roots, err := hsm.LoadRoots(string(r))
+	if err != nil {
+		return err
+	}
+	return roots.VerifyEKCert(ctx, e)
+}
+
+// devserverView feeds the Devserver screen.
+type devserverView struct {
+	d     *embeddedDPS
+	store station.Store
+}
+
+func (v *devserverView) Status(ctx context.Context) (ui.DevserverStatus, error) {
+	st := ui.DevserverStatus{
+		GlobalEndpoint:   v.d.dps.Addr(),
+		ServiceEndpoint:  "https://" + v.d.dps.Addr(),
+		IDScope:          v.d.dps.IDScope(),
+		ConnectionString: v.d.dps.ServiceConnectionString(),
+		Hub:              v.d.hub.Addr(),
+		TrustBundle:      v.d.caPath,
+	}
+	runs, err := v.store.Runs(ctx, station.RunFilter{Result: station.ResultPass, Limit: 100})
+	if err != nil {
+		return st, err
+	}
+	seen := map[string]bool{}
+	for _, r := range runs {
+		if r.DeviceID == "" || seen[r.DeviceID] {
+			continue
+		}
+		seen[r.DeviceID] = true
+		for _, t := range v.d.hub.Telemetry(r.DeviceID) {
+			st.Telemetry++
+			if t.Received.After(st.LastTelemetry) {
+				st.LastTelemetry = t.Received
+			}
+		}
+	}
+	return st, nil
+}
+
+func checkPort(port string) error {
+	if port == "" {
+		return station.Errorf("DUT link", station.KindNotFound, "no serial port picked: pick the DUT's port on the slot")
+	}
+	if _, err := os.Stat(port); err != nil {
+		return station.Errorf("DUT link", station.KindUnavailable, "no serial port at %s: plug the DUT's cable in, or pick its port", port)
+	}
+	return nil
+}
+
+func checkRoots(c *config) error {
+	if c.EKCertPolicy == station.EKCertOff {
+		return nil
+	}
+	if _, err := hsm.LoadRoots(c.EKRoots); err != nil {
+		return station.Errorf("TPM / CA", station.KindNotFound, "the TPM makers' roots in %s cannot be read (%v): put their PEM certificates there", c.EKRoots, err)
+	}
+	return nil
+}
+
+func checkDPS(ctx context.Context, d *embeddedDPS, verify string) error {
+	if d == nil {
+		if verify == "off" {
+			return nil // the end-to-end check is off by configuration
+		}
+		return station.Errorf("embedded DPS", station.KindUnavailable, "the embedded DPS is not running: restart kiln gui")
+	}
+	var dialer net.Dialer
+	for _, addr := range []string{d.dps.Addr(), d.hub.Addr()} {
+		conn, err := dialer.DialContext(ctx, "tcp", addr)
+		if err != nil {
+			return station.Errorf("embedded DPS", station.KindUnavailable, "the embedded DPS does not answer on %s: restart kiln gui", addr)
+		}
+		conn.Close()
+	}
+	return nil
+}
+
+// listPorts lists the USB serial ports with their VID, PID and serial.
+func listPorts() ([]ui.Port, error) {
+	ports, err := enumerator.GetDetailedPortsList()
+	if err != nil {
+		return nil, err
+	}
+	var out []ui.Port
+	for _, p := range ports {
+		desc := ""
+		if p.IsUSB {
+			desc = fmt.Sprintf("USB %s:%s", p.VID, p.PID)
+			if p.SerialNumber != "" {
+				desc += " SN " + p.SerialNumber
+			}
+		}
+		out = append(out, ui.Port{Path: p.Name, Description: desc})
+	}
+	return out, nil
+}
+
+// saveExport writes an export into the data directory's exports folder.
+func saveExport(c *config, name string, data []byte) (string, error) {
+	dir := filepath.Join(c.Home, "exports")
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", err
+	}
+	path := filepath.Join(dir, filepath.Base(name))
+	if err := os.WriteFile(path, data, 0o600); err != nil {
+		return "", err
+	}
+	return path, nil
+}

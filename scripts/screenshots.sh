@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# screenshots.sh: run the real station GUI (bin/kiln gui, simulated DUT) under
+# Xvfb, drive it with xdotool like a technician with a barcode scanner, and
+# capture each screen into docs/screenshots/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+KILN=${KILN:-bin/kiln}
+OUT=${OUT:-docs/screenshots}
+DISPLAY_NUM=${DISPLAY_NUM:-97}
+mkdir -p "$OUT"
+home=$(mktemp -d /tmp/kiln-shots.XXXXXX)
+export LANG=en_US.UTF-8 KILN_HOME="$home" DISPLAY=":$DISPLAY_NUM"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$home"
+}
+trap cleanup EXIT
+
+Xvfb ":$DISPLAY_NUM" -screen 0 1280x800x24 -nolisten tcp >"$home/xvfb.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 50); do xdotool getdisplaygeometry >/dev/null 2>&1 && break; sleep 0.1; done
+
+"$KILN" gui --operator "Ana Silva" >"$home/kiln.log" 2>&1 &
+kiln_pid=$!
+pids+=($kiln_pid)
+
+# Wait for the window.
+win=""
+for _ in $(seq 150); do
+  win=$(xdotool search --name "^Kiln" 2>/dev/null | head -1 || true)
+  [ -n "$win" ] && break
+  kill -0 "$kiln_pid" 2>/dev/null || { cat "$home/kiln.log"; echo "kiln gui exited" >&2; exit 1; }
+  sleep 0.2
+done
+[ -n "$win" ] || { cat "$home/kiln.log"; echo "no kiln window" >&2; exit 1; }
+xdotool windowmove "$win" 0 0 windowsize "$win" 1280 800 windowactivate --sync "$win" 2>/dev/null || true
+xdotool windowfocus --sync "$win" 2>/dev/null || true
+sleep 3
+shot() { import -window root "$OUT/$1"; echo "wrote $OUT/$1"; }
+
+# The scan field has the focus: a wedge types the serial and Enter. An empty
+# Enter provisions the simulated DUT under the serial it reports.
+xdotool mousemove --window "$win" 480 195 click 1
+sleep 0.5
+xdotool key --window "$win" Return
+for _ in $(seq 120); do
+  sleep 0.5
+  # The run takes a few seconds (115200 baud, DPS registration, hub).
+  if [ -f "$home/kiln.db" ] && [ "$("$KILN" records list --result pass 2>/dev/null | grep -c SIM- || true)" -ge 1 ]; then break; fi
+done
+sleep 2
+shot station.png
+
+xdotool key --window "$win" alt+2
+sleep 2
+# Select the newest run to show its evidence.
+xdotool mousemove --window "$win" 300 195 click 1
+sleep 2
+shot records.png
+
+xdotool key --window "$win" alt+3
+sleep 2
+shot devserver.png
+
+xdotool key --window "$win" alt+1
+sleep 1
+kill "$kiln_pid" 2>/dev/null || true

@@ -1,0 +1,220 @@
+package ui
+
+import (
+	"context"
+	"errors"
+	"regexp"
+	"sync"
+	"time"
+
+	"fyne.io/fyne/v2"
+	"fyne.io/fyne/v2/container"
+	"fyne.io/fyne/v2/driver/desktop"
+	"fyne.io/fyne/v2/widget"
+
+	"github.com/kilnworks/kiln/station"
+)
+
+// Provisioner provisions units for the Station screen;
+// *station.Provisioner satisfies it. Progress reaches the screen through
+// UI.Step, which the caller wires to station.Provisioner.OnStep.
+type Provisioner interface {
+	// Provision provisions the unit of req and returns its run, also when
+	// the unit fails (the error then has a station Kind). A nil run means
+	// nothing could be recorded.
+	Provision(ctx context.Context, req station.Request) (*station.Run, error)
+	// Steps lists the steps of a run, in order.
+	Steps() []string
+}
+
+// Records is what the screens read of the system of record: a subset of
+// station.Store.
+type Records interface {
+	// Run returns run id with its steps. Kinds: NotFound.
+	Run(ctx context.Context, id int64) (*station.Run, error)
+	// Runs returns runs matching f with their steps, newest first.
+	Runs(ctx context.Context, f station.RunFilter) ([]*station.Run, error)
+	// UnitBySerial returns the provisioned unit of a serial. Kinds: NotFound.
+	UnitBySerial(ctx context.Context, serial string) (*station.Unit, error)
+}
+
+// Simulator is the simulated DUT of simulation mode (no hardware attached).
+type Simulator interface {
+	// DUT returns the simulated DUT's port and the serial it reports.
+	DUT() (port, serial string)
+	// Replace closes the simulated DUT and starts a fresh one (a new serial
+	// and a new TPM), returning its port and serial.
+	Replace(ctx context.Context) (port, serial string, err error)
+}
+
+// HealthCheck is one station health tile. Check returns nil when the part
+// is normal, or an error that says what is wrong and what to do.
+type HealthCheck struct {
+	Name  string
+	Check func(ctx context.Context) error
+}
+
+// Port is a serial port offered by the port picker.
+type Port struct {
+	Path        string
+	Description string // e.g. "USB 2e8a:000a SN E6614103"
+}
+
+// Role is what an operator may do.
+type Role string
+
+// The roles.
+const (
+	RoleTechnician Role = "Technician" // runs units
+	RoleSupervisor Role = "Supervisor" // also resets shift counts (settings and batches later)
+)
+
+// Config configures the station GUI. Provisioner is required; the rest is
+// optional.
+type Config struct {
+	Provisioner   Provisioner
+	Records       Records   // nil: no Records screen, no history
+	Devserver     Devserver // nil: no Devserver screen
+	Simulator     Simulator // non-nil: simulation mode on the first slot
+	Station       string    // the station's name, shown in the header
+	Ports         []string  // one slot per entry, preselected port (empty: one slot, no port)
+	ListPorts     func() ([]Port, error)
+	SerialPattern *regexp.Regexp // when set, a scanned serial must match it
+	Health        []HealthCheck
+	// HealthEvery is how often the health tiles are refreshed; 0 refreshes
+	// them at start and after each run only.
+	HealthEvery time.Duration
+	// Alert is called when a unit fails, for an audible alert. It runs on
+	// its own goroutine.
+	Alert func()
+	// Save stores an export (a unit's evidence) under a suggested file name
+	// and returns where it went.
+	Save     func(name string, data []byte) (string, error)
+	Operator string // preset operator name
+	Role     Role   // preset role (default technician)
+	Now      func() time.Time
+	// Do runs f on the UI goroutine; nil means fyne.Do. Tests pass a loop
+	// they drive themselves.
+	Do func(f func())
+}
+
+// UI is the station GUI: the screens in tabs, the operator login above them.
+type UI struct {
+	cfg     Config
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	content fyne.CanvasObject
+
+	// Station is the station screen; Records and Devserver the others
+	// (nil when not configured).
+	Station   *Station
+	Records   *RecordsScreen
+	Devserver *DevserverScreen
+
+	Tabs     *container.AppTabs
+	Operator *widget.Entry
+	Role     *widget.Select
+}
+
+// New builds the GUI. Call Close when the window closes.
+func New(cfg Config) (*UI, error) {
+	if cfg.Provisioner == nil {
+		return nil, errors.New("ui: a Provisioner is required")
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
+	if cfg.Do == nil {
+		cfg.Do = fyne.Do
+	}
+	if cfg.Role == "" {
+		cfg.Role = RoleTechnician
+	}
+	if cfg.Station == "" {
+		cfg.Station = "kiln"
+	}
+	u := &UI{cfg: cfg}
+	u.ctx, u.cancel = context.WithCancel(context.Background())
+
+	u.Operator = widget.NewEntry()
+	u.Operator.SetPlaceHolder("your name")
+	u.Operator.SetText(cfg.Operator)
+	u.Role = widget.NewSelect([]string{string(RoleTechnician), string(RoleSupervisor)}, nil)
+	u.Role.SetSelected(string(cfg.Role))
+
+	u.Station = newStation(u)
+	u.Tabs = container.NewAppTabs(container.NewTabItem("Station", u.Station.content))
+	if cfg.Records != nil {
+		u.Records = newRecords(u)
+		u.Tabs.Append(container.NewTabItem("Records", u.Records.content))
+	}
+	if cfg.Devserver != nil {
+		u.Devserver = newDevserver(u)
+		u.Tabs.Append(container.NewTabItem("Devserver", u.Devserver.content))
+	}
+	u.Tabs.OnSelected = func(t *container.TabItem) {
+		switch {
+		case t.Text == "Station":
+			u.Station.focusScan()
+		case t.Text == "Records" && u.Records != nil:
+			u.Records.Search()
+		case t.Text == "Devserver" && u.Devserver != nil:
+			u.Devserver.Refresh()
+		}
+	}
+	u.Role.OnChanged = func(string) { u.Station.roleChanged() }
+
+	title := bigText("Kiln", 24, colorInk, true)
+	name := widget.NewLabel("station " + cfg.Station)
+	login := container.NewHBox(widget.NewLabel("Operator"), container.NewGridWrap(fyne.NewSize(220, u.Operator.MinSize().Height), u.Operator), u.Role)
+	header := container.NewBorder(nil, nil, container.NewHBox(title, name), login)
+	u.content = container.NewBorder(container.NewPadded(header), nil, nil, nil, u.Tabs)
+	u.Station.start()
+	return u, nil
+}
+
+// Content returns the GUI's root object, for a window.
+func (u *UI) Content() fyne.CanvasObject { return u.content }
+
+// Step hands a provisioning step event to the Station screen. It is safe to
+// call from any goroutine: wire it to station.Provisioner.OnStep.
+func (u *UI) Step(ev station.StepEvent) { u.Station.step(ev) }
+
+// OperatorName returns the operator's name as entered.
+func (u *UI) OperatorName() string { return u.Operator.Text }
+
+// MainMenu returns the window's menu: the screens, with keyboard shortcuts
+// Alt+1, Alt+2 and Alt+3 that work whatever has the focus (scanner wedges
+// keep the scan field focused).
+func (u *UI) MainMenu() *fyne.MainMenu {
+	var items []*fyne.MenuItem
+	for i, t := range u.Tabs.Items {
+		item := fyne.NewMenuItem(t.Text, func() { u.Tabs.SelectIndex(i) })
+		item.Shortcut = &desktop.CustomShortcut{KeyName: fyne.KeyName(rune('1' + i)), Modifier: fyne.KeyModifierAlt}
+		items = append(items, item)
+	}
+	return fyne.NewMainMenu(fyne.NewMenu("Screens", items...))
+}
+
+// Close stops the runs in progress and the GUI's goroutines, and waits for
+// them.
+func (u *UI) Close() {
+	u.cancel()
+	u.wg.Wait()
+}
+
+// goUI runs f on its own goroutine, tracked by Close.
+func (u *UI) goUI(f func(ctx context.Context)) {
+	u.wg.Add(1)
+	go func() {
+		defer u.wg.Done()
+		f(u.ctx)
+	}()
+}
+
+func (u *UI) role() Role { return Role(u.Role.Selected) }
+
+// FocusScan puts the keyboard focus (the barcode wedge) on the first idle
+// slot's scan field. Call it once the content is in a window.
+func (u *UI) FocusScan() { u.Station.focusScan() }
