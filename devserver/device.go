@@ -14,8 +14,8 @@ import (
 )
 
 // attestation is one way for devices to prove who they are (§4, §5, §6).
-// The device API picks it by the enrollment's attestation type. TPM is
-// implemented; symmetric keys and X.509 slot in beside it.
+// The device API picks it by the enrollment's attestation type. TPM and
+// symmetric keys are implemented; X.509 slots in beside them.
 type attestation interface {
 	// challenge answers a register request that carries no credentials.
 	// done is true when it wrote the answer (the TPM challenge); false
@@ -136,7 +136,7 @@ func (s *Server) attestationFor(e *dps.IndividualEnrollment) (attestation, error
 	a, ok := s.attest[strings.ToLower(e.Attestation.Type)]
 	if !ok {
 		return nil, station.Errorf("attest device", station.KindUnauthorized,
-			"enrollment %q uses %q attestation, which this devserver does not support yet: enroll the device with TPM attestation",
+			"enrollment %q uses %q attestation, which this devserver does not support yet: enroll the device with TPM or symmetric-key attestation",
 			e.RegistrationID, e.Attestation.Type)
 	}
 	return a, nil

@@ -18,7 +18,14 @@ var (
 	errETagMismatch   = errors.New("the etag does not match")
 	errNoEnrollment   = errors.New("no such enrollment")
 	errNoRegistration = errors.New("no such registration")
+	errNoGroup        = errors.New("no such enrollment group")
+	errQuota          = errors.New("a service limit is reached")
 )
+
+// codeQuota is the errorCode of a write refused because a count limit of
+// §10 (enrollment groups) is reached: 409, since retrying does not help
+// until something is deleted (a 429 would make clients retry).
+const codeQuota = 409001
 
 // errorStatus maps an error to the HTTP status and DPS errorCode of its
 // answer (§7.4: errorCode = status × 1000 + detail). It is the one place
@@ -38,6 +45,9 @@ func errorStatus(err error) (status, code int) {
 	case station.KindConflict:
 		if errors.Is(err, errETagMismatch) {
 			return http.StatusPreconditionFailed, dps.CodePrecondition
+		}
+		if errors.Is(err, errQuota) {
+			return http.StatusConflict, codeQuota
 		}
 		return http.StatusConflict, dps.CodeConflict
 	case station.KindUnauthorized:

@@ -58,7 +58,8 @@ type Config struct {
 	// Hubs are the linked IoT hubs devices are assigned to.
 	Hubs []LinkedHub
 	// ServiceKeys maps shared access policy names to their keys for the
-	// service API. Every policy has all rights. Empty: the
+	// service API. Every policy has all rights unless ServiceRights
+	// restricts it. Empty: the
 	// provisioningserviceowner policy with a key generated on first start
 	// and kept (sealed) in the data directory.
 	ServiceKeys map[string][]byte
@@ -74,6 +75,10 @@ type Config struct {
 	// so that clients (and tests) see "assigning" for a while, as with real
 	// DPS. Zero: assign at once.
 	AssignmentDelay time.Duration
+	// ServiceRights restricts service policies to rights (§7.5): policy
+	// name → its rights. Policies not listed have every right. Each name
+	// must be a policy of ServiceKeys (or DefaultPolicy).
+	ServiceRights map[string][]Right
 	// OperationTTL is how long a registration operation can be polled;
 	// zero means 30 minutes.
 	OperationTTL time.Duration
@@ -147,8 +152,13 @@ func New(cfg Config) (*Server, error) {
 		db.close()
 		return nil, err
 	}
+	if err := s.checkRights(); err != nil {
+		db.close()
+		return nil, err
+	}
 	s.attest = map[string]attestation{
-		strings.ToLower(dps.AttestationTPM): &tpmAttestation{db: db},
+		strings.ToLower(dps.AttestationTPM):          &tpmAttestation{db: db},
+		strings.ToLower(dps.AttestationSymmetricKey): symmetricKeyAttestation{},
 	}
 	s.handler = http.HandlerFunc(s.serveHTTP)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
@@ -346,7 +356,8 @@ func (s *Server) Close() error {
 func (s *Server) Handler() http.Handler { return s.handler }
 
 // HubDevice implements DeviceDirectory: the device deviceID as assigned to
-// hub, with its SAS key (TPM: the key sent in the activation blob) and the
+// hub, with its SAS keys (TPM: the key sent in the activation blob;
+// symmetric key: the enrollment's primary and secondary keys) and the
 // desired properties of its enrollment's initial twin. Kinds: NotFound.
 func (s *Server) HubDevice(ctx context.Context, hub, deviceID string) (*HubDevice, error) {
 	r, err := s.db.hubDevice(ctx, hub, deviceID)
@@ -354,10 +365,11 @@ func (s *Server) HubDevice(ctx context.Context, hub, deviceID string) (*HubDevic
 		return nil, err
 	}
 	d := &HubDevice{
-		Hub:        r.Hub,
-		DeviceID:   r.DeviceID,
-		PrimaryKey: r.Key,
-		Enabled:    r.Enabled,
+		Hub:          r.Hub,
+		DeviceID:     r.DeviceID,
+		PrimaryKey:   r.Key,
+		SecondaryKey: s.hubSecondaryKey(ctx, r),
+		Enabled:      r.Enabled,
 	}
 	for _, h := range s.cfg.Hubs { // the configured spelling
 		if strings.EqualFold(h.Name, r.Hub) {
@@ -379,6 +391,11 @@ func (s *Server) HubDevice(ctx context.Context, hub, deviceID string) (*HubDevic
 //	PUT|GET|DELETE /enrollments/{regId}
 //	POST /enrollments/{regId}/attestationmechanism
 //	GET|DELETE /registrations/{regId}
+//	POST /enrollments and /enrollmentGroups: bulk operations
+//	POST /enrollments/query and /enrollmentGroups/query
+//	PUT|GET|DELETE /enrollmentGroups/{id}
+//	POST /enrollmentGroups/{id}/attestationmechanism
+//	POST /registrations/{groupId}/query (also /enrollmentGroups/{id}/registrations/query)
 func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	trackingID := newTrackingID()
 	segs, ok := splitPath(r.URL.EscapedPath())
@@ -388,7 +405,22 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, maxBody)
 	is := strings.EqualFold
+	post := r.Method == http.MethodPost
 	switch {
+	case len(segs) == 1 && (is(segs[0], "enrollments") || is(segs[0], "enrollmentGroups")):
+		s.allow(w, r, trackingID, http.MethodPost, func() { s.serveBulk(w, r, trackingID, is(segs[0], "enrollmentGroups")) })
+	case len(segs) == 2 && post && is(segs[0], "enrollments") && is(segs[1], "query"):
+		s.serveQuery(w, r, trackingID, queryEnrollments, "")
+	case len(segs) == 2 && post && is(segs[0], "enrollmentGroups") && is(segs[1], "query"):
+		s.serveQuery(w, r, trackingID, queryGroups, "")
+	case len(segs) == 2 && is(segs[0], "enrollmentGroups"):
+		s.serveGroup(w, r, trackingID, segs[1])
+	case len(segs) == 3 && is(segs[0], "enrollmentGroups") && is(segs[2], "attestationmechanism"):
+		s.allow(w, r, trackingID, http.MethodPost, func() { s.groupAttestationMechanism(w, r, trackingID, segs[1]) })
+	case len(segs) == 3 && post && is(segs[0], "registrations") && is(segs[2], "query"):
+		s.serveQuery(w, r, trackingID, queryRegistrations, segs[1])
+	case len(segs) == 4 && is(segs[0], "enrollmentGroups") && is(segs[2], "registrations") && is(segs[3], "query"):
+		s.allow(w, r, trackingID, http.MethodPost, func() { s.serveQuery(w, r, trackingID, queryRegistrations, segs[1]) })
 	case len(segs) == 4 && is(segs[1], "registrations") && is(segs[3], "register"):
 		s.allow(w, r, trackingID, http.MethodPut, func() { s.register(w, r, trackingID, segs[0], segs[2]) })
 	case len(segs) == 5 && is(segs[1], "registrations") && is(segs[3], "operations"):

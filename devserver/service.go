@@ -14,7 +14,8 @@ import (
 // policy named by skn exists, the signature is that policy's over the raw
 // sr, the token has not expired and sr covers this service's host name
 // (the configured one, the listener's address or the Host the request was
-// sent to). Every policy has every right. Kinds: Unauthorized.
+// sent to). The policy's rights are checked by authorize.
+// Kinds: Unauthorized.
 func (s *Server) authorizeService(r *http.Request) error {
 	const op = "authorize service request"
 	h := r.Header.Get("Authorization")
@@ -47,7 +48,7 @@ func (s *Server) authorizeService(r *http.Request) error {
 // serveEnrollment answers PUT, GET and DELETE /enrollments/{regId} (§7.1).
 func (s *Server) serveEnrollment(w http.ResponseWriter, r *http.Request, trackingID, registrationID string) {
 	ctx := r.Context()
-	if err := s.authorizeService(r); err != nil {
+	if err := s.authorize(r, readOrWrite(r, RightEnrollmentRead, RightEnrollmentWrite)); err != nil {
 		s.writeError(w, r, trackingID, err)
 		return
 	}
@@ -218,7 +219,7 @@ func (s *Server) enrollmentWithState(ctx context.Context, registrationID string)
 // attestationMechanism answers POST /enrollments/{regId}/attestationmechanism:
 // the enrollment's attestation, keys included.
 func (s *Server) attestationMechanism(w http.ResponseWriter, r *http.Request, trackingID, registrationID string) {
-	if err := s.authorizeService(r); err != nil {
+	if err := s.authorize(r, RightEnrollmentRead); err != nil {
 		s.writeError(w, r, trackingID, err)
 		return
 	}
@@ -234,7 +235,7 @@ func (s *Server) attestationMechanism(w http.ResponseWriter, r *http.Request, tr
 // device's registration state (§7.1).
 func (s *Server) serveRegistration(w http.ResponseWriter, r *http.Request, trackingID, registrationID string) {
 	ctx := r.Context()
-	if err := s.authorizeService(r); err != nil {
+	if err := s.authorize(r, readOrWrite(r, RightRegistrationStatusRead, RightRegistrationStatusWrite)); err != nil {
 		s.writeError(w, r, trackingID, err)
 		return
 	}

@@ -427,7 +427,11 @@ func (s *store) putEnrollment(ctx context.Context, e dps.IndividualEnrollment, i
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
 		return nil, dbError(op, err)
 	}
-	if ifMatch != "" && (!exists || !etagMatches(ifMatch, oldETag)) {
+	if ifMatch == mustCreate {
+		if exists {
+			return nil, station.Errorf(op, station.KindConflict, "enrollment %q exists already: update it instead", e.RegistrationID)
+		}
+	} else if ifMatch != "" && (!exists || !etagMatches(ifMatch, oldETag)) {
 		return nil, station.Errorf(op, station.KindConflict,
 			"enrollment %q: %w (If-Match %s): read the enrollment again and retry with its etag", e.RegistrationID, errETagMismatch, ifMatch)
 	}

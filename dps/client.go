@@ -194,6 +194,34 @@ func (c *DeviceClient) RegisterTPM(ctx context.Context, regID string, tpm TPMDev
 	}
 
 	// 3. Polls.
+	rs, err := c.poll(ctx, op, base, regID, st, token)
+	if err != nil || rs.Status != StatusAssigned {
+		return rs, err
+	}
+
+	// 4. The hub key (§4.8).
+	if rs.TPM == nil || rs.TPM.AuthenticationKey == "" {
+		return nil, station.Errorf(op, station.KindInvalid,
+			"DPS assigned the device but sent no hub key (registrationState.tpm.authenticationKey): the server is faulty")
+	}
+	blob, err = base64.StdEncoding.DecodeString(rs.TPM.AuthenticationKey)
+	if err != nil {
+		return nil, station.Errorf(op, station.KindInvalid, "the assigned state's authenticationKey is not base64: the server is faulty")
+	}
+	if err := tpm.ActivateDPS(ctx, blob); err != nil {
+		return nil, err
+	}
+	c.progress(StatusAssigned, fmt.Sprintf("device %s on hub %s", rs.DeviceID, rs.AssignedHub))
+	return rs, nil
+}
+
+// poll follows an accepted registration: it polls the operation of st with
+// token (honouring retry-after, at most maxPolls times, until ctx is done)
+// until its status is final, and returns the final registration state,
+// whose Status is always set. A final status other than assigned is
+// reported to Progress and returned with a nil error.
+func (c *DeviceClient) poll(ctx context.Context, op, base, regID string, st opState, token string) (*DeviceRegistrationState, error) {
+	var err error
 	for polls := 0; st.status == StatusAssigning || st.status == StatusUnassigned || st.status == ""; polls++ {
 		if st.op.OperationID == "" {
 			return nil, station.Errorf(op, station.KindInvalid, "DPS answered %q without an operationId: the server is faulty", st.status)
@@ -220,22 +248,7 @@ func (c *DeviceClient) RegisterTPM(ctx context.Context, regID string, tpm TPMDev
 	}
 	if st.status != StatusAssigned {
 		c.progress(st.status, fmt.Sprintf("DPS error %d: %s", rs.ErrorCode, rs.ErrorMessage))
-		return rs, nil
 	}
-
-	// 4. The hub key (§4.8).
-	if rs.TPM == nil || rs.TPM.AuthenticationKey == "" {
-		return nil, station.Errorf(op, station.KindInvalid,
-			"DPS assigned the device but sent no hub key (registrationState.tpm.authenticationKey): the server is faulty")
-	}
-	blob, err = base64.StdEncoding.DecodeString(rs.TPM.AuthenticationKey)
-	if err != nil {
-		return nil, station.Errorf(op, station.KindInvalid, "the assigned state's authenticationKey is not base64: the server is faulty")
-	}
-	if err := tpm.ActivateDPS(ctx, blob); err != nil {
-		return nil, err
-	}
-	c.progress(StatusAssigned, fmt.Sprintf("device %s on hub %s", rs.DeviceID, rs.AssignedHub))
 	return rs, nil
 }
 
@@ -376,7 +389,7 @@ func errorFromAnswer(op string, res answer) error {
 	}
 	switch s := res.status; {
 	case s == http.StatusUnauthorized || s == http.StatusForbidden:
-		return station.Errorf(op, station.KindUnauthorized, "%s: check that the device is enrolled with this TPM's endorsement key", msg)
+		return station.Errorf(op, station.KindUnauthorized, "%s: check that the device is enrolled with these credentials (its TPM's endorsement key or its symmetric key)", msg)
 	case s == http.StatusNotFound:
 		return station.Errorf(op, station.KindNotFound, "%s: check the ID scope and that the device is enrolled", msg)
 	case s == http.StatusTooManyRequests || s >= 500:

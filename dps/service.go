@@ -107,48 +107,60 @@ func (c *ServiceClient) RegistrationState(ctx context.Context, registrationID st
 }
 
 func (c *ServiceClient) do(ctx context.Context, op, method, path, ifMatch string, in, out any) error {
+	var hdr http.Header
+	if ifMatch != "" {
+		hdr = http.Header{"If-Match": {ifMatch}}
+	}
+	_, err := c.exchange(ctx, op, method, path, hdr, in, out)
+	return err
+}
+
+// exchange sends a request with the extra headers hdr and the JSON body
+// in (nil: none), decodes a success answer into out (nil: ignored) and
+// returns the answer's headers.
+func (c *ServiceClient) exchange(ctx context.Context, op, method, path string, hdr http.Header, in, out any) (http.Header, error) {
 	var body io.Reader
 	if in != nil {
 		b, err := json.Marshal(in)
 		if err != nil {
-			return station.E(op, station.KindInvalid, err)
+			return nil, station.E(op, station.KindInvalid, err)
 		}
 		body = bytes.NewReader(b)
 	}
 	req, err := http.NewRequestWithContext(ctx, method, c.base+path+"?api-version="+url.QueryEscape(c.apiVersion), body)
 	if err != nil {
-		return station.E(op, station.KindInvalid, err)
+		return nil, station.E(op, station.KindInvalid, err)
+	}
+	for k, v := range hdr {
+		req.Header[k] = v
 	}
 	req.Header.Set("Authorization", c.conn.SAS(c.now().Add(time.Hour)))
 	req.Header.Set("Accept", "application/json")
 	if in != nil {
 		req.Header.Set("Content-Type", "application/json; charset=utf-8")
 	}
-	if ifMatch != "" {
-		req.Header.Set("If-Match", ifMatch)
-	}
 	resp, err := c.http.Do(req)
 	if err != nil {
 		if ctx.Err() != nil {
-			return station.E(op, station.KindUnavailable, ctx.Err())
+			return nil, station.E(op, station.KindUnavailable, ctx.Err())
 		}
-		return station.Errorf(op, station.KindUnavailable, "%s is not reachable: %w: check the network and the connection string's HostName", c.conn.HostName, err)
+		return nil, station.Errorf(op, station.KindUnavailable, "%s is not reachable: %w: check the network and the connection string's HostName", c.conn.HostName, err)
 	}
 	defer resp.Body.Close()
 	raw, err := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
 	if err != nil {
-		return station.Errorf(op, station.KindUnavailable, "read the answer of %s: %w", c.conn.HostName, err)
+		return nil, station.Errorf(op, station.KindUnavailable, "read the answer of %s: %w", c.conn.HostName, err)
 	}
 	if resp.StatusCode >= 300 {
-		return serviceError(op, resp, raw)
+		return nil, serviceError(op, resp, raw)
 	}
 	if out == nil || len(bytes.TrimSpace(raw)) == 0 {
-		return nil
+		return resp.Header, nil
 	}
 	if err := json.Unmarshal(raw, out); err != nil {
-		return station.Errorf(op, station.KindInvalid, "the service answered %d with a body that is not the expected JSON: %v", resp.StatusCode, err)
+		return nil, station.Errorf(op, station.KindInvalid, "the service answered %d with a body that is not the expected JSON: %v", resp.StatusCode, err)
 	}
-	return nil
+	return resp.Header, nil
 }
 
 // serviceError turns a service API error answer into a station error that

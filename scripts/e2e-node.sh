@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# DPS compatibility with the official Azure IoT Node SDK clients, TPM slice:
+# DPS compatibility with the official Azure IoT Node SDK clients:
 # `kiln serve` (the embedded DPS and IoT hub) on 127.0.0.1:443, swtpm on
-# 127.0.0.1:2323 (where tss.js looks for a TPM on Linux), and
+# 127.0.0.1:2323 (where tss.js looks for a TPM on Linux), then
 # e2e/node/tpm.test.js: a TPM enrollment made with the service client,
 # registration over HTTPS, telemetry to the assigned hub over MQTT with the
-# TPM-held key, and the refusals. Run by `make e2e` after `make build`; needs
+# TPM-held key, and the refusals; and e2e/node/symkey.test.js: the same with
+# a symmetric-key enrollment (primary and secondary keys, the hub reached
+# with a device connection string), and its refusals. Run by `make e2e` after `make build`; needs
 # root (the SDK's HTTP transport and service client only use port 443), Node
 # 20 and npm, swtpm. Prints "N passed, M failed" last; exits 1 on a failure.
 set -euo pipefail
@@ -74,13 +76,15 @@ export KILN_SERVE_LOG=$work/serve.log
 check "kiln serve prints the global endpoint as the SDK wants it (host only on 443)" test "$endpoint" = "127.0.0.1"
 check "kiln serve prints the service connection string as the SDK wants it (HostName without :443)" grep -q '^HostName=127.0.0.1;' <<< "$cs"
 
-set +e
-node --no-deprecation e2e/node/tpm.test.js | tee "$work/node.txt"
-set -e
-n_ok=$(grep -c '^ok ' "$work/node.txt" || true)
-n_fail=$(grep -c '^FAIL ' "$work/node.txt" || true)
-pass=$((pass + n_ok)) fail=$((fail + n_fail))
-grep -q '^node: ' "$work/node.txt" || { echo "FAIL  the node test did not finish"; fail=$((fail+1)); }
+for t in tpm symkey; do
+  set +e
+  node --no-deprecation "e2e/node/$t.test.js" | tee "$work/node-$t.txt"
+  set -e
+  n_ok=$(grep -c '^ok ' "$work/node-$t.txt" || true)
+  n_fail=$(grep -c '^FAIL ' "$work/node-$t.txt" || true)
+  pass=$((pass + n_ok)) fail=$((fail + n_fail))
+  grep -q '^node: ' "$work/node-$t.txt" || { echo "FAIL  the node test $t.test.js did not finish"; fail=$((fail+1)); }
+done
 if [ "$fail" != 0 ]; then
   echo "--- kiln serve log (last 40 lines)"; tail -n 40 "$work/serve.log"
 fi
