@@ -37,6 +37,9 @@ type Slot struct {
 	Scan *widget.Entry
 	// Ack acknowledges a FAIL.
 	Ack *widget.Button
+	// Removed confirms that the unit was removed, for a slot whose port
+	// presence cannot be watched (Unplug.Present nil).
+	Removed *widget.Button
 	// NewDUT replaces the simulated DUT (simulation mode, first slot only).
 	NewDUT *widget.Button
 
@@ -59,8 +62,13 @@ type Slot struct {
 	stepsBox *fyne.Container
 
 	runPort string
-	run     *station.Run // the last finished run
-	content fyne.CanvasObject
+	unplug  *Unplug // the slot's removal policy; nil: no waiting
+	// awaitRemoval is set from the end of a run until the unit is removed;
+	// removal counts removals, so a stale poller stops.
+	awaitRemoval bool
+	removal      int
+	run          *station.Run // the last finished run
+	content      fyne.CanvasObject
 }
 
 type stepRow struct {
@@ -96,7 +104,12 @@ func newSlot(s *Station, index int, port string) *Slot {
 	sl.Ack = widget.NewButtonWithIcon("Acknowledge failure (Enter)", theme.ConfirmIcon(), sl.acknowledge)
 	sl.Ack.Importance = widget.DangerImportance
 	sl.Ack.Hide()
-	scanRow := container.NewBorder(nil, nil, bigText("Scan", 22, colorInk, true), sl.Ack, scanBox)
+	sl.Removed = widget.NewButtonWithIcon("Unit removed", theme.ConfirmIcon(), sl.confirmRemoved)
+	sl.Removed.Hide()
+	if u.cfg.Unplug != nil {
+		sl.unplug = u.cfg.Unplug(index)
+	}
+	scanRow := container.NewBorder(nil, nil, bigText("Scan", 22, colorInk, true), container.NewHBox(sl.Ack, sl.Removed), scanBox)
 
 	sl.resultBG = canvas.NewRectangle(colorIdle)
 	sl.resultBG.CornerRadius = 6
@@ -204,6 +217,11 @@ func (sl *Slot) submit(text string) {
 		sl.acknowledge()
 		return
 	}
+	if sl.awaitRemoval {
+		sl.Scan.SetText("")
+		sl.note(sl.removeText())
+		return
+	}
 	switch {
 	case strings.TrimSpace(u.OperatorName()) == "":
 		sl.note("Enter your name under Operator first: it is written on every record.")
@@ -211,9 +229,9 @@ func (sl *Slot) submit(text string) {
 	case sl.port() == "":
 		sl.note("Pick the slot's serial port first.")
 		return
-	case text != "" && u.cfg.SerialPattern != nil && !u.cfg.SerialPattern.MatchString(text):
+	case text != "" && u.serialPattern != nil && !u.serialPattern.MatchString(text):
 		sl.Scan.SetText("")
-		sl.note(fmt.Sprintf("%q is not a serial number of this product (format %s): rescan the unit's label.", text, u.cfg.SerialPattern))
+		sl.note(fmt.Sprintf("%q is not a serial number of this product (format %s): rescan the unit's label.", text, u.serialPattern))
 		return
 	}
 	sl.startRun(station.Request{Port: sl.port(), Serial: text, Operator: strings.TrimSpace(u.OperatorName())})
@@ -357,9 +375,89 @@ func (sl *Slot) finish(r *station.Run, err error) {
 	}
 	sl.current.Refresh()
 	sl.detail.SetText("")
+	sl.waitRemoval()
 	sl.s.finished(r)
 	sl.focus()
 }
+
+// waitRemoval makes the slot refuse scans until the finished unit is
+// removed: the port disappears, or the operator confirms. On the UI
+// goroutine.
+func (sl *Slot) waitRemoval() {
+	if sl.unplug == nil {
+		return
+	}
+	u := sl.s.u
+	sl.awaitRemoval = true
+	sl.removal++
+	gen, port := sl.removal, sl.runPort
+	if sl.state == slotPassed {
+		sl.current.Text = "Remove the unit"
+		sl.current.Refresh()
+	}
+	sl.note(sl.removeText())
+	present := sl.unplug.Present
+	if present == nil {
+		sl.Removed.Show()
+		return
+	}
+	u.goUI(func(ctx context.Context) {
+		t := time.NewTicker(u.cfg.UnplugEvery)
+		defer t.Stop()
+		for present(port) {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+			}
+		}
+		u.cfg.Do(func() {
+			if sl.removal == gen {
+				sl.removed()
+			}
+		})
+	})
+}
+
+func (sl *Slot) removeText() string {
+	if sl.unplug != nil && sl.unplug.Present == nil {
+		if sl.NewDUT != nil {
+			return "Remove the unit: press New simulated DUT for the next one (or Unit removed to run this one again)."
+		}
+		return "Remove the unit, then press Unit removed: the next scan waits for it."
+	}
+	return "Remove the unit: the next scan waits until its port " + sl.runPort + " disappears."
+}
+
+// confirmRemoved is the Unit removed button.
+func (sl *Slot) confirmRemoved() {
+	if !sl.awaitRemoval {
+		return
+	}
+	sl.removal++
+	sl.removed()
+}
+
+// removed ends the wait for the unit's removal. On the UI goroutine.
+func (sl *Slot) removed() {
+	sl.awaitRemoval = false
+	sl.Removed.Hide()
+	switch sl.state {
+	case slotPassed:
+		sl.current.Text = "Scan the next unit"
+		sl.current.Refresh()
+		sl.note("")
+	case slotFailed:
+		sl.note("")
+	case slotReady:
+		sl.showReady()
+	}
+	sl.focus()
+}
+
+// AwaitingRemoval reports whether the slot waits for the finished unit to
+// be removed before it accepts the next scan.
+func (sl *Slot) AwaitingRemoval() bool { return sl.awaitRemoval }
 
 // acknowledge clears a FAIL so the next unit can be scanned.
 func (sl *Slot) acknowledge() {
@@ -376,8 +474,12 @@ func (sl *Slot) showReady() {
 	sl.Scan.SetPlaceHolder("scan the unit's serial number")
 	sl.paint(colorIdle, colorInk, "READY", "", "Scan a unit's label to start", "")
 	sl.current.Text = ""
-	sl.current.Refresh()
 	sl.note("")
+	if sl.awaitRemoval {
+		sl.current.Text = "Remove the unit"
+		sl.note(sl.removeText())
+	}
+	sl.current.Refresh()
 }
 
 // paint sets the result area.
@@ -431,6 +533,11 @@ func (sl *Slot) replaceDUT() {
 			}
 			sl.Port.SetText(port)
 			sl.hint = simHint(serial)
+			if sl.awaitRemoval {
+				sl.removal++
+				sl.awaitRemoval = false
+				sl.Removed.Hide()
+			}
 			if sl.state == slotPassed {
 				sl.showReady()
 			}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"image/color"
+	"slices"
 	"time"
 
 	"fyne.io/fyne/v2"
@@ -30,12 +31,15 @@ type Station struct {
 	shiftStart time.Time
 	pass, fail int
 	seen       map[string]bool // serials run this shift: first-pass yield counts first attempts
+	counted    map[int64]bool  // run IDs counted this shift (live and read from the store)
 	firstPass  int
+	chart      *hourChart
 	passText   *canvas.Text
 	failText   *canvas.Text
 	fpyText    *canvas.Text
 	shiftLabel *widget.Label
-	reset      *widget.Button
+	// Reset starts a new shift (supervisor only).
+	Reset *widget.Button
 
 	health      []*healthTile
 	healthNote  *widget.Label
@@ -45,7 +49,10 @@ type Station struct {
 }
 
 func newStation(u *UI) *Station {
-	s := &Station{u: u, shiftStart: u.cfg.Now(), seen: map[string]bool{}}
+	s := &Station{u: u, shiftStart: u.cfg.Now(), seen: map[string]bool{}, counted: map[int64]bool{}, chart: newHourChart()}
+	if !u.cfg.ShiftStart.IsZero() {
+		s.shiftStart = u.cfg.ShiftStart
+	}
 	ports := u.cfg.Ports
 	if len(ports) == 0 {
 		ports = []string{""}
@@ -61,12 +68,12 @@ func newStation(u *UI) *Station {
 	s.failText = bigText("0", 36, colorInk, true)
 	s.fpyText = bigText("–", 36, colorInk, true)
 	s.shiftLabel = widget.NewLabel("")
-	s.reset = widget.NewButton("Reset", s.resetShift)
+	s.Reset = widget.NewButton("Reset", s.resetShift)
 	counts := container.NewGridWithColumns(3,
 		counter("PASS", s.passText), counter("FAIL", s.failText), counter("First-pass yield", s.fpyText))
 	shift := container.NewVBox(
-		container.NewBorder(nil, nil, heading("Shift"), s.reset, s.shiftLabel),
-		counts)
+		container.NewBorder(nil, nil, heading("Shift"), s.Reset, s.shiftLabel),
+		counts, s.chart.content)
 
 	var tilesH []fyne.CanvasObject
 	for _, hc := range u.cfg.Health {
@@ -104,6 +111,33 @@ func (s *Station) start() {
 				}
 				s.historyRead = true
 				s.showLast()
+			})
+		})
+	}
+	if u.cfg.Records != nil && !u.cfg.ShiftStart.IsZero() {
+		since := s.shiftStart
+		u.goUI(func(ctx context.Context) {
+			runs, err := u.cfg.Records.Runs(ctx, station.RunFilter{Since: since, Limit: 10000})
+			if err != nil {
+				return // the Records store tile reports a store that does not answer
+			}
+			u.cfg.Do(func() {
+				if !s.shiftStart.Equal(since) {
+					return // the shift was reset meanwhile
+				}
+				// Oldest first, so that first-pass yield sees first attempts first.
+				for i := len(runs) - 1; i >= 0; i-- {
+					r := runs[i]
+					if r.Result == station.ResultRunning || r.Started.Before(since) {
+						continue
+					}
+					at := r.Finished
+					if at.IsZero() {
+						at = r.Started
+					}
+					s.count(r, at)
+				}
+				s.showCounts()
 			})
 		})
 	}
@@ -145,6 +179,22 @@ func (s *Station) finished(r *station.Run) {
 	if r == nil {
 		return
 	}
+	s.count(r, s.u.cfg.Now())
+	s.last = append([]*station.Run{r}, s.last...)
+	s.trimLast()
+	s.showCounts()
+	s.showLast()
+	s.refreshHealth()
+}
+
+// count counts a finished run that ended at t, once. On the UI goroutine.
+func (s *Station) count(r *station.Run, t time.Time) {
+	if r.ID != 0 {
+		if s.counted[r.ID] {
+			return
+		}
+		s.counted[r.ID] = true
+	}
 	if r.Result == station.ResultPass {
 		s.pass++
 	} else {
@@ -156,11 +206,7 @@ func (s *Station) finished(r *station.Run) {
 			s.firstPass++
 		}
 	}
-	s.last = append([]*station.Run{r}, s.last...)
-	s.trimLast()
-	s.showCounts()
-	s.showLast()
-	s.refreshHealth()
+	s.chart.add(t, r.Result == station.ResultPass)
 }
 
 func (s *Station) trimLast() {
@@ -176,14 +222,16 @@ func (s *Station) resetShift() {
 	s.shiftStart = s.u.cfg.Now()
 	s.pass, s.fail, s.firstPass = 0, 0, 0
 	s.seen = map[string]bool{}
+	s.counted = map[int64]bool{}
+	s.chart.reset()
 	s.showCounts()
 }
 
 func (s *Station) roleChanged() {
 	if s.u.role() == RoleSupervisor {
-		s.reset.Enable()
+		s.Reset.Enable()
 	} else {
-		s.reset.Disable()
+		s.Reset.Disable()
 	}
 }
 
@@ -199,7 +247,12 @@ func (s *Station) showCounts() {
 	s.failText.Refresh()
 	s.fpyText.Refresh()
 	s.shiftLabel.SetText("since " + s.shiftStart.Format("15:04"))
+	s.chart.show(s.shiftStart, s.u.cfg.Now())
 }
+
+// UnitsPerHour returns the bars of the units-per-hour chart, oldest first:
+// the shift's hours up to the current one (at most 12).
+func (s *Station) UnitsPerHour() []HourCount { return slices.Clone(s.chart.shown) }
 
 // FirstPassYield returns the shift's first-pass yield (units that passed at
 // their first run, over units run) and the number of units run.

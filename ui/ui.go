@@ -60,13 +60,23 @@ type Port struct {
 	Description string // e.g. "USB 2e8a:000a SN E6614103"
 }
 
+// Unplug is a slot's policy for waiting, after a run, until the unit is
+// removed, so that the next result never lands on the wrong unit.
+type Unplug struct {
+	// Present reports whether the slot's port is present, e.g. os.Stat on
+	// its path. It is polled off the UI goroutine until it reports false.
+	// Nil: the operator confirms the removal with a button (a simulated
+	// DUT, or a port that stays when the unit is unplugged).
+	Present func(port string) bool
+}
+
 // Role is what an operator may do.
 type Role string
 
 // The roles.
 const (
 	RoleTechnician Role = "Technician" // runs units
-	RoleSupervisor Role = "Supervisor" // also resets shift counts (settings and batches later)
+	RoleSupervisor Role = "Supervisor" // also resets shift counts and edits the settings
 )
 
 // Config configures the station GUI. Provisioner is required; the rest is
@@ -80,7 +90,12 @@ type Config struct {
 	Ports         []string  // one slot per entry, preselected port (empty: one slot, no port)
 	ListPorts     func() ([]Port, error)
 	SerialPattern *regexp.Regexp // when set, a scanned serial must match it
-	Health        []HealthCheck
+	// Unplug returns slot i's removal policy; nil (or a nil policy) lets
+	// the next scan start directly.
+	Unplug func(slot int) *Unplug
+	// UnplugEvery is how often Unplug.Present is polled (default 250 ms).
+	UnplugEvery time.Duration
+	Health      []HealthCheck
 	// HealthEvery is how often the health tiles are refreshed; 0 refreshes
 	// them at start and after each run only.
 	HealthEvery time.Duration
@@ -89,10 +104,16 @@ type Config struct {
 	Alert func()
 	// Save stores an export (a unit's evidence) under a suggested file name
 	// and returns where it went.
-	Save     func(name string, data []byte) (string, error)
+	Save func(name string, data []byte) (string, error)
+	// Settings, when set, adds the Settings screen (supervisor only).
+	Settings Settings
 	Operator string // preset operator name
 	Role     Role   // preset role (default technician)
 	Now      func() time.Time
+	// ShiftStart is when the current shift began; zero: when the GUI
+	// started. When set, the shift's runs already in Records are counted
+	// (and charted) at start.
+	ShiftStart time.Time
 	// Do runs f on the UI goroutine; nil means fyne.Do. Tests pass a loop
 	// they drive themselves.
 	Do func(f func())
@@ -111,6 +132,11 @@ type UI struct {
 	Station   *Station
 	Records   *RecordsScreen
 	Devserver *DevserverScreen
+	Settings  *SettingsScreen
+
+	// serialPattern is the serial format scans are checked against; the
+	// Settings screen changes it. On the UI goroutine.
+	serialPattern *regexp.Regexp
 
 	Tabs     *container.AppTabs
 	Operator *widget.Entry
@@ -128,13 +154,16 @@ func New(cfg Config) (*UI, error) {
 	if cfg.Do == nil {
 		cfg.Do = fyne.Do
 	}
+	if cfg.UnplugEvery <= 0 {
+		cfg.UnplugEvery = 250 * time.Millisecond
+	}
 	if cfg.Role == "" {
 		cfg.Role = RoleTechnician
 	}
 	if cfg.Station == "" {
 		cfg.Station = "kiln"
 	}
-	u := &UI{cfg: cfg}
+	u := &UI{cfg: cfg, serialPattern: cfg.SerialPattern}
 	u.ctx, u.cancel = context.WithCancel(context.Background())
 
 	u.Operator = widget.NewEntry()
@@ -153,6 +182,10 @@ func New(cfg Config) (*UI, error) {
 		u.Devserver = newDevserver(u)
 		u.Tabs.Append(container.NewTabItem("Devserver", u.Devserver.content))
 	}
+	if cfg.Settings != nil {
+		u.Settings = newSettings(u)
+		u.Tabs.Append(container.NewTabItem("Settings", u.Settings.content))
+	}
 	u.Tabs.OnSelected = func(t *container.TabItem) {
 		switch {
 		case t.Text == "Station":
@@ -163,7 +196,12 @@ func New(cfg Config) (*UI, error) {
 			u.Devserver.Refresh()
 		}
 	}
-	u.Role.OnChanged = func(string) { u.Station.roleChanged() }
+	u.Role.OnChanged = func(string) {
+		u.Station.roleChanged()
+		if u.Settings != nil {
+			u.Settings.roleChanged()
+		}
+	}
 
 	title := bigText("Kiln", 24, colorInk, true)
 	name := widget.NewLabel("station " + cfg.Station)

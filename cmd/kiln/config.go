@@ -147,3 +147,34 @@ func (m missingRoots) VerifyEKCert(context.Context, *station.Endorsement) error 
 	return station.Errorf("validate EK certificate", station.KindNotFound,
 		"no EK root store at %s: put the TPM makers' root and intermediate certificates (PEM) there, or pass --roots", string(m))
 }
+
+// save writes c to $KILN_HOME/station.json atomically (a temporary file
+// renamed over it), readable by its owner only.
+func (c *config) save() error {
+	b, err := json.MarshalIndent(c, "", "  ")
+	if err != nil {
+		return err
+	}
+	f, err := os.CreateTemp(c.Home, configFile+".*")
+	if err != nil {
+		return fmt.Errorf("save the station configuration: %w", err)
+	}
+	defer os.Remove(f.Name()) // fails harmlessly after the rename
+	err = f.Chmod(0o600)
+	if err == nil {
+		_, err = f.Write(append(b, '\n'))
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), filepath.Join(c.Home, configFile))
+	}
+	if err != nil {
+		return fmt.Errorf("save the station configuration: %w", err)
+	}
+	return nil
+}

@@ -7,6 +7,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sync"
 	"time"
 
@@ -78,8 +79,11 @@ func runGUI(ctx context.Context, e *env, args []string) error {
 		p.EndToEnd, dpsd = x, d
 	}
 
+	live := &liveProvisioner{p: *p}
+	settings := newGUISettings(e, c, live, p.EndToEnd)
 	cfg := ui.Config{
-		Provisioner:   p,
+		Provisioner:   live,
+		Settings:      settings,
 		Records:       p.Store,
 		Station:       c.Station,
 		SerialPattern: p.SerialPattern,
@@ -88,6 +92,16 @@ func runGUI(ctx context.Context, e *env, args []string) error {
 		Alert:         func() { fmt.Fprint(e.stderr, "\a") },
 		Save:          func(name string, data []byte) (string, error) { return saveExport(c, name, data) },
 		ListPorts:     listPorts,
+		ShiftStart:    shiftStart(time.Now()),
+		// Wait for the unit to be unplugged before the next scan: a USB
+		// serial port disappears with its unit; the simulated DUT's pty does
+		// not, so the operator confirms.
+		Unplug: func(int) *ui.Unplug {
+			if sim != nil {
+				return &ui.Unplug{}
+			}
+			return &ui.Unplug{Present: portPresent}
+		},
 	}
 	slotPort := func() string { return *port }
 	if sim != nil {
@@ -98,7 +112,10 @@ func runGUI(ctx context.Context, e *env, args []string) error {
 	}
 	cfg.Health = []ui.HealthCheck{
 		{Name: "DUT link", Check: func(context.Context) error { return checkPort(slotPort()) }},
-		{Name: "TPM / CA", Check: func(context.Context) error { return checkRoots(c) }},
+		{Name: "TPM / CA", Check: func(context.Context) error {
+			pr := settings.Profile()
+			return checkRoots(pr.EKCertPolicy, pr.EKRoots)
+		}},
 		{Name: "Embedded DPS", Check: func(ctx context.Context) error { return checkDPS(ctx, dpsd, verify) }},
 		{Name: "Records store", Check: func(ctx context.Context) error {
 			_, err := p.Store.Runs(ctx, station.RunFilter{Limit: 1})
@@ -116,7 +133,7 @@ func runGUI(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	defer u.Close()
-	p.OnStep = u.Step
+	live.update(func(p *station.Provisioner) { p.OnStep = u.Step })
 	w := a.NewWindow("Kiln — station " + c.Station)
 	w.SetMainMenu(u.MainMenu())
 	w.SetContent(u.Content())
@@ -231,6 +248,24 @@ func (v *devserverView) Status(ctx context.Context) (ui.DevserverStatus, error) 
 	return st, nil
 }
 
+// shiftStart is the start of the shift at t: shifts start at 06:00, 14:00
+// and 22:00 local time.
+func shiftStart(t time.Time) time.Time {
+	day := time.Date(t.Year(), t.Month(), t.Day(), 0, 0, 0, 0, t.Location())
+	for _, h := range []int{22, 14, 6} {
+		if s := day.Add(time.Duration(h) * time.Hour); !t.Before(s) {
+			return s
+		}
+	}
+	return day.Add(-2 * time.Hour) // before 06:00: the night shift of the day before
+}
+
+// portPresent reports whether a serial port's device node exists.
+func portPresent(port string) bool {
+	_, err := os.Stat(port)
+	return err == nil
+}
+
 func checkPort(port string) error {
 	if port == "" {
 		return station.Errorf("DUT link", station.KindNotFound, "no serial port picked: pick the DUT's port on the slot")
@@ -241,13 +276,165 @@ func checkPort(port string) error {
 	return nil
 }
 
-func checkRoots(c *config) error {
-	if c.EKCertPolicy == station.EKCertOff {
+func checkRoots(policy station.EKCertPolicy, roots string) error {
+	if policy == station.EKCertOff {
 		return nil
 	}
-	if _, err := hsm.LoadRoots(c.EKRoots); err != nil {
-		return station.Errorf("TPM / CA", station.KindNotFound, "the TPM makers' roots in %s cannot be read (%v): put their PEM certificates there", c.EKRoots, err)
+	if _, err := hsm.LoadRoots(roots); err != nil {
+		return station.Errorf("TPM / CA", station.KindNotFound, "the TPM makers' roots in %s cannot be read (%v): put their PEM certificates there", roots, err)
 	}
+	return nil
+}
+
+// liveProvisioner is the GUI's provisioner: the Settings screen changes its
+// profile between runs, and each run uses the provisioner as it was at the
+// run's start.
+type liveProvisioner struct {
+	mu sync.Mutex
+	p  station.Provisioner
+}
+
+var _ ui.Provisioner = (*liveProvisioner)(nil)
+
+func (l *liveProvisioner) current() *station.Provisioner {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	p := l.p
+	return &p
+}
+
+func (l *liveProvisioner) update(f func(p *station.Provisioner)) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	f(&l.p)
+}
+
+func (l *liveProvisioner) Provision(ctx context.Context, req station.Request) (*station.Run, error) {
+	return l.current().Provision(ctx, req)
+}
+
+func (l *liveProvisioner) Steps() []string { return l.current().Steps() }
+
+// guiSettings is the Settings screen's hook: it validates a profile, saves
+// the fields the supervisor changed to station.json and applies the profile
+// to the live provisioner for the next run.
+type guiSettings struct {
+	e    *env
+	live *liveProvisioner
+	x    *station.EndToEnd // the embedded check; nil when it was not started
+	mu   sync.Mutex        // serializes Apply; guards cur
+	cur  ui.Profile
+	prod *station.DeviceConfig
+}
+
+var _ ui.Settings = (*guiSettings)(nil)
+
+func newGUISettings(e *env, c *config, live *liveProvisioner, x *station.EndToEnd) *guiSettings {
+	g := &guiSettings{e: e, live: live, x: x, prod: c.Production, cur: ui.Profile{
+		EKCertPolicy: c.EKCertPolicy, RegID: c.RegID, SerialPattern: c.SerialPattern,
+		EKRoots: c.EKRoots, Verify: c.Verify,
+	}}
+	if c.Verify == "embedded" && x == nil {
+		g.cur.Verify = "off"
+	}
+	if c.Production != nil {
+		g.cur.ProductionIDScope, g.cur.ProductionEndpoint = c.Production.IDScope, c.Production.GlobalEndpoint
+	}
+	return g
+}
+
+func (g *guiSettings) Profile() ui.Profile {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.cur
+}
+
+func (g *guiSettings) Apply(ctx context.Context, pr ui.Profile) error {
+	const op = "settings"
+	switch pr.EKCertPolicy {
+	case station.EKCertRequire, station.EKCertWarn, station.EKCertOff:
+	default:
+		return station.Errorf(op, station.KindInvalid, "EK certificate policy %q is not require, warn or off", pr.EKCertPolicy)
+	}
+	switch pr.RegID {
+	case station.RegIDFromEK, station.RegIDFromSerial:
+	default:
+		return station.Errorf(op, station.KindInvalid, "registration ID rule %q is not ek or serial", pr.RegID)
+	}
+	var re *regexp.Regexp
+	if pr.SerialPattern != "" {
+		var err error
+		if re, err = regexp.Compile(pr.SerialPattern); err != nil {
+			return station.Errorf(op, station.KindInvalid, "the serial pattern %q is not a valid regular expression (%v)", pr.SerialPattern, err)
+		}
+	}
+	if pr.EKCertPolicy != station.EKCertOff {
+		if _, err := hsm.LoadRoots(pr.EKRoots); err != nil {
+			return station.Errorf(op, station.KindInvalid, "the EK roots folder %s cannot be read (%v): put the TPM makers' PEM certificates there, or set the EK certificate policy to off", pr.EKRoots, err)
+		}
+	}
+	switch {
+	case pr.Verify != "embedded" && pr.Verify != "off":
+		return station.Errorf(op, station.KindInvalid, "verification %q is not embedded or off", pr.Verify)
+	case pr.Verify == "embedded" && g.x == nil:
+		return station.Errorf(op, station.KindInvalid, "the embedded DPS was not started with this station: restart kiln gui with --verify embedded")
+	case (pr.ProductionIDScope == "") != (pr.ProductionEndpoint == ""):
+		return station.Errorf(op, station.KindInvalid, "give both the production ID scope and the production endpoint, or neither")
+	}
+
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	var prod *station.DeviceConfig
+	if pr.ProductionIDScope != "" {
+		prod = &station.DeviceConfig{IDScope: pr.ProductionIDScope, GlobalEndpoint: pr.ProductionEndpoint}
+		if g.prod != nil {
+			prod.TrustBundle = g.prod.TrustBundle
+		}
+	}
+
+	// Save what the supervisor changed over the file as it is: flags and
+	// simulation mode override the file for this session only.
+	file, err := loadConfig(g.e)
+	if err != nil {
+		return err
+	}
+	old := g.cur
+	if pr.EKCertPolicy != old.EKCertPolicy {
+		file.EKCertPolicy = pr.EKCertPolicy
+	}
+	if pr.RegID != old.RegID {
+		file.RegID = pr.RegID
+	}
+	if pr.SerialPattern != old.SerialPattern {
+		file.SerialPattern = pr.SerialPattern
+	}
+	if pr.EKRoots != old.EKRoots {
+		file.EKRoots = pr.EKRoots
+	}
+	if pr.Verify != old.Verify {
+		file.Verify = pr.Verify
+	}
+	if pr.ProductionIDScope != old.ProductionIDScope || pr.ProductionEndpoint != old.ProductionEndpoint {
+		file.Production = prod
+	}
+	if err := file.save(); err != nil {
+		return station.Errorf(op, station.KindInternal, "%v: check the data directory %s", err, file.Home)
+	}
+
+	g.live.update(func(p *station.Provisioner) {
+		p.Profile.EKCertPolicy, p.Profile.RegID = pr.EKCertPolicy, pr.RegID
+		p.SerialPattern = re
+		if pr.EKRoots != old.EKRoots {
+			p.Verifier = rootsDir(pr.EKRoots)
+		}
+		p.EndToEnd = nil
+		if pr.Verify == "embedded" {
+			x := *g.x
+			x.Production = prod
+			p.EndToEnd = &x
+		}
+	})
+	g.cur, g.prod = pr, prod
 	return nil
 }
 
