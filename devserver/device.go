@@ -2,6 +2,8 @@ package devserver
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"log/slog"
@@ -14,8 +16,8 @@ import (
 )
 
 // attestation is one way for devices to prove who they are (§4, §5, §6).
-// The device API picks it by the enrollment's attestation type. TPM and
-// symmetric keys are implemented; X.509 slots in beside them.
+// The device API picks it by the enrollment's attestation type: TPM,
+// symmetric key or X.509.
 type attestation interface {
 	// challenge answers a register request that carries no credentials.
 	// done is true when it wrote the answer (the TPM challenge); false
@@ -39,21 +41,25 @@ type identity struct {
 	Key            []byte // the SAS key of the device in its hub; nil for X.509
 }
 
-// deviceRequest is one request of the device API.
+// deviceRequest is one request of the device API, over any transport.
 type deviceRequest struct {
-	r              *http.Request
+	r              *http.Request // nil over MQTT
+	transport      string        // "https" or "mqtt"
+	authorization  string        // the SAS token: the Authorization header, or the MQTT password
+	tls            *tls.ConnectionState
 	trackingID     string
 	registrationID string // from the URL
 	body           *dps.DeviceRegistration
 	enrollment     *dps.IndividualEnrollment
 	now            time.Time
 	idScope        string
+	x509           *x509Proof // what the TLS client certificate proved; nil without one
 }
 
 // sas parses the request's Authorization header; nil when there is none.
 // Kinds: Unauthorized (a malformed token).
 func (d *deviceRequest) sas() (*dps.SAS, error) {
-	h := d.r.Header.Get("Authorization")
+	h := d.authorization
 	if h == "" {
 		return nil, nil
 	}
@@ -62,6 +68,15 @@ func (d *deviceRequest) sas() (*dps.SAS, error) {
 		return nil, station.E("check device token", station.KindUnauthorized, err)
 	}
 	return tok, nil
+}
+
+// clientChain returns the TLS client certificate chain of the request
+// (HTTPS or MQTT), leaf first; nil when there is none.
+func (d *deviceRequest) clientChain() []*x509.Certificate {
+	if d.tls == nil {
+		return nil
+	}
+	return d.tls.PeerCertificates
 }
 
 // verifySAS checks a device token with key: signature, expiry, the resource
@@ -101,33 +116,51 @@ func DecodeDeviceRegistration(body []byte, registrationID string) (*dps.DeviceRe
 // request and reads its body and enrollment. Kinds: Unauthorized (wrong
 // scope, no enrollment: DPS does not tell them apart), Invalid.
 func (s *Server) newDeviceRequest(ctx context.Context, r *http.Request, trackingID, scope, registrationID string, withBody bool) (*deviceRequest, error) {
-	const op = "read device request"
-	d := &deviceRequest{r: r, trackingID: trackingID, registrationID: registrationID, now: s.now(), idScope: s.idScope}
-	if !strings.EqualFold(scope, s.idScope) {
-		return nil, station.Errorf(op, station.KindUnauthorized, "ID scope %.40q is not this service's %s: check the device's ID scope", scope, s.idScope)
-	}
-	if err := checkRegistrationID(registrationID); err != nil {
-		return nil, err
-	}
-	d.body = &dps.DeviceRegistration{}
+	d := &deviceRequest{r: r, transport: "https", authorization: r.Header.Get("Authorization"), tls: r.TLS, trackingID: trackingID}
+	var body []byte
 	if withBody {
 		b, err := readBody(r)
 		if err != nil {
 			return nil, err
 		}
-		if d.body, err = DecodeDeviceRegistration(b, registrationID); err != nil {
-			return nil, err
+		body = b
+	}
+	return d, s.openDeviceRequest(ctx, d, scope, registrationID, body)
+}
+
+// openDeviceRequest completes d, whatever its transport: it checks the
+// scope and the registration ID, decodes body (nil or empty: no body) and
+// reads the enrollment. Kinds: Unauthorized (wrong scope, no enrollment),
+// Invalid.
+func (s *Server) openDeviceRequest(ctx context.Context, d *deviceRequest, scope, registrationID string, body []byte) error {
+	const op = "read device request"
+	d.registrationID, d.now, d.idScope = registrationID, s.now(), s.idScope
+	if !strings.EqualFold(scope, s.idScope) {
+		return station.Errorf(op, station.KindUnauthorized, "ID scope %.40q is not this service's %s: check the device's ID scope", scope, s.idScope)
+	}
+	if err := checkRegistrationID(registrationID); err != nil {
+		return err
+	}
+	d.body = &dps.DeviceRegistration{}
+	if len(body) > 0 {
+		var err error
+		if d.body, err = DecodeDeviceRegistration(body, registrationID); err != nil {
+			return err
 		}
+	}
+	if chain := d.clientChain(); len(chain) > 0 && d.authorization == "" {
+		// X.509 (§6): the certificate picks the enrollment or group.
+		return s.attestX509(ctx, d, chain)
 	}
 	e, err := s.db.enrollment(ctx, registrationID)
 	if station.KindOf(err) == station.KindNotFound {
-		return nil, station.E(op, station.KindUnauthorized, err)
+		return station.E(op, station.KindUnauthorized, err)
 	}
 	if err != nil {
-		return nil, err
+		return err
 	}
 	d.enrollment = e
-	return d, nil
+	return nil
 }
 
 // attestationFor returns the attestation of an enrollment.
@@ -171,7 +204,7 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request, trackingID, sc
 		s.writeError(w, r, trackingID, err)
 		return
 	}
-	if r.Header.Get("Authorization") == "" {
+	if r.Header.Get("Authorization") == "" && d.x509 == nil {
 		a, err := s.attestationFor(d.enrollment)
 		if err != nil {
 			s.writeError(w, r, trackingID, err)
@@ -188,23 +221,41 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request, trackingID, sc
 		log.Info("TPM challenge sent")
 		return
 	}
-	if _, _, err := s.authenticate(ctx, d); err != nil {
+	st, err := s.startRegistration(ctx, d, log)
+	if err != nil {
 		s.writeError(w, r, trackingID, err)
 		return
+	}
+	w.Header()["retry-after"] = []string{retryAfter(s.cfg.RetryAfter)} // lower case, verbatim (§11.1)
+	writeJSON(w, http.StatusAccepted, st)
+}
+
+// startRegistration is the transport-neutral core of an authenticated
+// register: it authenticates d, starts an operation and its assignment,
+// and returns the 202 "assigning" answer. Kinds: Unauthorized, Internal.
+func (s *Server) startRegistration(ctx context.Context, d *deviceRequest, log *slog.Logger) (*dps.RegistrationOperationStatus, error) {
+	if _, _, err := s.authenticate(ctx, d); err != nil {
+		return nil, err
 	}
 	opID := newOperationID()
 	now := s.now()
-	if err := s.db.startOperation(ctx, opID, d.enrollment.RegistrationID, now, now.Add(s.cfg.OperationTTL)); err != nil {
+	var group string
+	var tps []string
+	if d.x509 != nil {
+		tps = d.x509.thumbprints
+		if d.x509.group != nil {
+			group = d.x509.group.EnrollmentGroupID
+		}
+	}
+	if err := s.db.startOperation(ctx, opID, d.enrollment.RegistrationID, group, tps, now, now.Add(s.cfg.OperationTTL)); err != nil {
 		if station.KindOf(err) == station.KindNotFound {
 			err = station.E("register device", station.KindUnauthorized, err)
 		}
-		s.writeError(w, r, trackingID, err)
-		return
+		return nil, err
 	}
-	s.startAssignment(opID, trackingID)
-	log.Info("registration accepted", "operationId", opID)
-	w.Header()["retry-after"] = []string{retryAfter(s.cfg.RetryAfter)} // lower case, verbatim (§11.1)
-	writeJSON(w, http.StatusAccepted, dps.RegistrationOperationStatus{OperationID: opID, Status: dps.StatusAssigning})
+	s.startAssignment(opID, d.trackingID)
+	log.Info("registration accepted", "operationId", opID, "transport", d.transport)
+	return &dps.RegistrationOperationStatus{OperationID: opID, Status: dps.StatusAssigning}, nil
 }
 
 // poll answers GET /{idScope}/registrations/{regId}/operations/{opId}:
@@ -217,32 +268,43 @@ func (s *Server) poll(w http.ResponseWriter, r *http.Request, trackingID, scope,
 		s.writeError(w, r, trackingID, err)
 		return
 	}
-	if _, _, err := s.authenticate(ctx, d); err != nil {
-		s.writeError(w, r, trackingID, err)
-		return
-	}
-	o, err := s.db.operation(ctx, opID, d.now)
-	if err == nil && !strings.EqualFold(o.RegistrationID, registrationID) {
-		err = station.Errorf("poll operation", station.KindNotFound, "operation %.80q is not one of registration %q", opID, registrationID)
-	}
+	status, st, err := s.operationStatus(ctx, d, opID)
 	if err != nil {
 		s.writeError(w, r, trackingID, err)
 		return
 	}
-	if o.Status == dps.StatusAssigning {
+	if status == http.StatusAccepted {
 		w.Header()["retry-after"] = []string{retryAfter(s.cfg.RetryAfter)}
-		writeJSON(w, http.StatusAccepted, dps.RegistrationOperationStatus{
+	}
+	writeJSON(w, status, st)
+}
+
+// operationStatus is the transport-neutral core of a poll: it
+// authenticates d and returns 202 with "assigning" while the assignment
+// runs, then 200 with the final state (§1.5). Kinds: Unauthorized,
+// NotFound, Internal.
+func (s *Server) operationStatus(ctx context.Context, d *deviceRequest, opID string) (int, *dps.RegistrationOperationStatus, error) {
+	if _, _, err := s.authenticate(ctx, d); err != nil {
+		return 0, nil, err
+	}
+	o, err := s.db.operation(ctx, opID, d.now)
+	if err == nil && !strings.EqualFold(o.RegistrationID, d.registrationID) {
+		err = station.Errorf("poll operation", station.KindNotFound, "operation %.80q is not one of registration %q", opID, d.registrationID)
+	}
+	if err != nil {
+		return 0, nil, err
+	}
+	if o.Status == dps.StatusAssigning {
+		return http.StatusAccepted, &dps.RegistrationOperationStatus{
 			OperationID: o.ID, Status: dps.StatusAssigning,
 			RegistrationState: &dps.DeviceRegistrationState{RegistrationID: o.RegistrationID, Status: dps.StatusAssigning},
-		})
-		return
+		}, nil
 	}
 	var state dps.DeviceRegistrationState
 	if err := json.Unmarshal(o.Result, &state); err != nil {
-		s.writeError(w, r, trackingID, station.E("poll operation", station.KindInternal, err))
-		return
+		return 0, nil, station.E("poll operation", station.KindInternal, err)
 	}
-	writeJSON(w, http.StatusOK, dps.RegistrationOperationStatus{OperationID: o.ID, Status: o.Status, RegistrationState: &state})
+	return http.StatusOK, &dps.RegistrationOperationStatus{OperationID: o.ID, Status: o.Status, RegistrationState: &state}, nil
 }
 
 // lookup answers POST /{idScope}/registrations/{regId}: the device's
@@ -255,7 +317,7 @@ func (s *Server) lookup(w http.ResponseWriter, r *http.Request, trackingID, scop
 		s.writeError(w, r, trackingID, err)
 		return
 	}
-	if r.Header.Get("Authorization") == "" {
+	if r.Header.Get("Authorization") == "" && d.x509 == nil {
 		a, err := s.attestationFor(d.enrollment)
 		if err == nil {
 			var done bool
@@ -346,7 +408,7 @@ func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) erro
 	if err != nil {
 		return err
 	}
-	e, err := s.db.enrollment(ctx, o.RegistrationID)
+	e, groupID, err := s.operationEnrollment(ctx, o)
 	if err != nil {
 		return err
 	}
@@ -379,6 +441,10 @@ func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) erro
 			return err
 		}
 		state = st
+		if state.X509 != nil && groupID != "" {
+			state.X509.EnrollmentGroupID = groupID
+		}
+		reg.Thumbprints = o.Thumbprints
 		reg.Status = dps.StatusAssigned
 		reg.Hub = hub
 		reg.DeviceID = e.DeviceID

@@ -24,7 +24,10 @@ type EmbeddedConfig struct {
 	DataDir string // the DPS's data (Config.DataDir); required
 	Addr    string // DPS device and service API; empty: 127.0.0.1:0
 	HubAddr string // the hub; empty: 127.0.0.1:0. The hub is named by this address.
-	IDScope string
+	// MQTTAddr is the DPS device API over MQTT with TLS (Config.MQTTAddr);
+	// empty: none.
+	MQTTAddr string
+	IDScope  string
 	// RetryAfter is the poll interval asked of devices; zero means the
 	// DPS default.
 	RetryAfter time.Duration
@@ -70,6 +73,7 @@ func StartEmbedded(ctx context.Context, cfg EmbeddedConfig) (*Embedded, error) {
 	srv, err := New(Config{
 		IDScope:    cfg.IDScope,
 		Addr:       cfg.Addr,
+		MQTTAddr:   cfg.MQTTAddr,
 		TLS:        tlsConf,
 		DataDir:    cfg.DataDir,
 		Hubs:       []LinkedHub{{Name: hubAddr, Weight: 1, ApplyAllocationPolicy: true}},

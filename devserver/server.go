@@ -82,6 +82,11 @@ type Config struct {
 	// OperationTTL is how long a registration operation can be polled;
 	// zero means 30 minutes.
 	OperationTTL time.Duration
+	// MQTTAddr is the address of the device API over MQTT 3.1.1 with TLS
+	// (DPS's port 8883; "127.0.0.1:0" picks a free port, see MQTTAddr).
+	// Empty: no MQTT listener (MQTT over WebSockets on the HTTPS listener
+	// is served either way).
+	MQTTAddr string
 }
 
 // Server is Kiln's embedded DPS: the HTTPS device API with TPM attestation,
@@ -106,6 +111,7 @@ type Server struct {
 	mu       sync.Mutex
 	srv      *http.Server
 	listener net.Listener
+	mqtt     *dpsMQTT // the MQTT transport, made by Start
 
 	closeOnce sync.Once
 	closeErr  error
@@ -159,6 +165,7 @@ func New(cfg Config) (*Server, error) {
 	s.attest = map[string]attestation{
 		strings.ToLower(dps.AttestationTPM):          &tpmAttestation{db: db},
 		strings.ToLower(dps.AttestationSymmetricKey): symmetricKeyAttestation{},
+		strings.ToLower(dps.AttestationX509):         x509Attestation{},
 	}
 	s.handler = http.HandlerFunc(s.serveHTTP)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
@@ -252,6 +259,16 @@ func (s *Server) Start(ctx context.Context) error {
 	if tc.MinVersion == 0 {
 		tc.MinVersion = tls.VersionTLS12
 	}
+	if tc.ClientAuth == tls.NoClientCert {
+		// X.509 devices present their certificate; TPM and symmetric-key
+		// devices none. The device API checks it (attestX509): no CA list
+		// is sent, so clients offer any certificate they have.
+		tc.ClientAuth = tls.RequestClientCert
+	}
+	if err := s.startMQTT(ctx, tc); err != nil {
+		_ = ln.Close()
+		return err
+	}
 	s.listener = ln
 	s.srv = &http.Server{
 		Handler:           s.handler,
@@ -342,6 +359,7 @@ func (s *Server) Close() error {
 			}
 			cancel()
 		}
+		s.closeMQTT()
 		s.wg.Wait()
 		errs = append(errs, s.db.close())
 		if err := errors.Join(errs...); err != nil {
@@ -369,6 +387,7 @@ func (s *Server) HubDevice(ctx context.Context, hub, deviceID string) (*HubDevic
 		DeviceID:     r.DeviceID,
 		PrimaryKey:   r.Key,
 		SecondaryKey: s.hubSecondaryKey(ctx, r),
+		Thumbprints:  r.Thumbprints,
 		Enabled:      r.Enabled,
 	}
 	for _, h := range s.cfg.Hubs { // the configured spelling
@@ -398,6 +417,10 @@ func (s *Server) HubDevice(ctx context.Context, hub, deviceID string) (*HubDevic
 //	POST /registrations/{groupId}/query (also /enrollmentGroups/{id}/registrations/query)
 func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	trackingID := newTrackingID()
+	if r.URL.Path == dpsWebSocketPath {
+		s.serveWebSocket(w, r, trackingID) // MQTT over WebSockets (mqtt.go)
+		return
+	}
 	segs, ok := splitPath(r.URL.EscapedPath())
 	if !ok {
 		s.writeError(w, r, trackingID, station.Errorf("route request", station.KindInvalid, "the path is not percent-encoded correctly"))

@@ -556,6 +556,12 @@ type registration struct {
 	ETag           string
 	Created        time.Time
 	Updated        time.Time
+	// Group is the lower-cased ID of the enrollment group the device
+	// registered through; "" for an individual enrollment.
+	Group string
+	// Thumbprints are the upper-case hex SHA-1 and SHA-256 thumbprints of
+	// the X.509 certificate of the last assignment; nil for SAS devices.
+	Thumbprints []string
 }
 
 // state returns the registration as the service API and the device API
@@ -576,16 +582,19 @@ func (r *registration) state() *dps.DeviceRegistrationState {
 }
 
 const registrationColumns = `registration_id, status, substatus, error_code, error_message, assigned_hub,
-	device_id, device_key, twin, enabled, etag, created, updated, id`
+	device_id, device_key, twin, enabled, etag, created, updated, id, enrollment_group, thumbprints`
 
 func (s *store) scanRegistration(row interface{ Scan(...any) error }) (*registration, error) {
 	var r registration
 	var key []byte
 	var twin sql.NullString
-	var created, updated, id string
+	var created, updated, id, thumbprints string
 	if err := row.Scan(&r.RegistrationID, &r.Status, &r.Substatus, &r.ErrorCode, &r.ErrorMessage, &r.Hub,
-		&r.DeviceID, &key, &twin, &r.Enabled, &r.ETag, &created, &updated, &id); err != nil {
+		&r.DeviceID, &key, &twin, &r.Enabled, &r.ETag, &created, &updated, &id, &r.Group, &thumbprints); err != nil {
 		return nil, err
+	}
+	if thumbprints != "" {
+		r.Thumbprints = strings.Fields(thumbprints)
 	}
 	if key != nil {
 		k, err := s.openValue(key, "registration:"+id)
@@ -642,14 +651,18 @@ type operation struct {
 	Status         string
 	Result         json.RawMessage // the final registration state; nil while assigning
 	Expires        time.Time
+	Group          string   // the lower-cased enrollment group the device attested through; "" for none
+	Thumbprints    []string // of the X.509 certificate the device registered with; nil for SAS
 }
 
 // startOperation records a new registration attempt: the registration
 // becomes "assigning" (keeping any earlier assignment, which stays usable
 // in the hub until this one ends) and the operation is created. Expired
 // operations are dropped on the way. Kinds: NotFound (the enrollment is
-// gone), Unavailable, Internal.
-func (s *store) startOperation(ctx context.Context, opID, registrationID string, now, expires time.Time) error {
+// gone), Unavailable, Internal. group is the enrollment group the device
+// attested through ("" for an individual enrollment) and thumbprints those
+// of its X.509 certificate (nil for SAS).
+func (s *store) startOperation(ctx context.Context, opID, registrationID, group string, thumbprints []string, now, expires time.Time) error {
 	const op = "start registration operation"
 	id := regKey(registrationID)
 	tx, err := s.write.BeginTx(ctx, nil)
@@ -661,10 +674,11 @@ func (s *store) startOperation(ctx context.Context, opID, registrationID string,
 		return dbError(op, err)
 	}
 	_, err = tx.ExecContext(ctx,
-		`INSERT INTO registrations (id, registration_id, status, operation, etag, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?)
+		`INSERT INTO registrations (id, registration_id, status, operation, etag, created, updated, enrollment_group) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 		 ON CONFLICT (id) DO UPDATE SET status = excluded.status, error_code = 0, error_message = '',
-		   operation = excluded.operation, etag = excluded.etag, updated = excluded.updated`,
-		id, registrationID, dps.StatusAssigning, opID, newRegistrationETag(), encTime(now), encTime(now))
+		   operation = excluded.operation, etag = excluded.etag, updated = excluded.updated,
+		   enrollment_group = excluded.enrollment_group`,
+		id, registrationID, dps.StatusAssigning, opID, newRegistrationETag(), encTime(now), encTime(now), regKey(group))
 	if err != nil {
 		if station.KindOf(dbError(op, err)) == station.KindConflict {
 			return station.Errorf(op, station.KindNotFound, "%q: %w", registrationID, errNoEnrollment)
@@ -672,8 +686,8 @@ func (s *store) startOperation(ctx context.Context, opID, registrationID string,
 		return dbError(op, err)
 	}
 	_, err = tx.ExecContext(ctx,
-		`INSERT INTO operations (id, registration, status, created, expires) VALUES (?, ?, ?, ?, ?)`,
-		opID, id, dps.StatusAssigning, encTime(now), encTime(expires))
+		`INSERT INTO operations (id, registration, status, created, expires, enrollment_group, thumbprints) VALUES (?, ?, ?, ?, ?, ?, ?)`,
+		opID, id, dps.StatusAssigning, encTime(now), encTime(expires), regKey(group), strings.Join(thumbprints, " "))
 	if err != nil {
 		return dbError(op, err)
 	}
@@ -686,12 +700,15 @@ func (s *store) operation(ctx context.Context, opID string, now time.Time) (*ope
 	const op = "read registration operation"
 	var o operation
 	var result sql.NullString
-	var expires string
+	var expires, thumbprints string
 	err := s.read.QueryRowContext(ctx,
-		`SELECT o.id, r.registration_id, o.status, o.result, o.expires
+		`SELECT o.id, r.registration_id, o.status, o.result, o.expires, o.enrollment_group, o.thumbprints
 		 FROM operations o JOIN registrations r ON r.id = o.registration WHERE o.id = ?`, opID).
-		Scan(&o.ID, &o.RegistrationID, &o.Status, &result, &expires)
+		Scan(&o.ID, &o.RegistrationID, &o.Status, &result, &expires, &o.Group, &thumbprints)
 	if err == nil {
+		if thumbprints != "" {
+			o.Thumbprints = strings.Fields(thumbprints)
+		}
 		o.Expires = decTime(expires)
 		if !now.Before(o.Expires) {
 			err = sql.ErrNoRows
@@ -763,9 +780,9 @@ func (s *store) finishOperation(ctx context.Context, opID string, r *registratio
 	if r.Hub != "" {
 		_, err = tx.ExecContext(ctx,
 			`UPDATE registrations SET status = ?, substatus = ?, error_code = ?, error_message = ?, assigned_hub = ?,
-			   device_id = ?, device_key = ?, twin = ?, enabled = ?, etag = ?, updated = ? WHERE id = ? AND operation = ?`,
+			   device_id = ?, device_key = ?, twin = ?, enabled = ?, etag = ?, updated = ?, thumbprints = ? WHERE id = ? AND operation = ?`,
 			r.Status, r.Substatus, r.ErrorCode, r.ErrorMessage, strings.ToLower(r.Hub),
-			r.DeviceID, key, twin, r.Enabled, r.ETag, encTime(r.Updated), id, opID)
+			r.DeviceID, key, twin, r.Enabled, r.ETag, encTime(r.Updated), strings.Join(r.Thumbprints, " "), id, opID)
 	} else {
 		_, err = tx.ExecContext(ctx,
 			`UPDATE registrations SET status = ?, substatus = ?, error_code = ?, error_message = ?,

@@ -39,6 +39,10 @@ type HubConfig struct {
 	// the device key in memory.
 	Signer Signer
 	Key    []byte
+	// Certificate, when set with no Signer and no Key, is the device's
+	// X.509 certificate (leaf first, with its intermediates): it is
+	// presented in the TLS handshake and no password is sent (§9).
+	Certificate *tls.Certificate
 	// TLS is the TLS client configuration (its roots decide which hubs are
 	// trusted); nil means the system roots. ServerName defaults to Addr's
 	// host.
@@ -72,11 +76,11 @@ func ConnectHub(ctx context.Context, cfg HubConfig) (*HubClient, error) {
 		return nil, station.Errorf(op, station.KindInvalid, "the hub address and device ID must be set: take them from the DPS registration")
 	}
 	sign := cfg.Signer
-	if sign == nil {
-		if len(cfg.Key) == 0 {
-			return nil, station.Errorf(op, station.KindInvalid, "no signer and no device key to sign the hub token with")
-		}
+	if sign == nil && len(cfg.Key) > 0 {
 		sign = KeySigner(cfg.Key)
+	}
+	if sign == nil && cfg.Certificate == nil {
+		return nil, station.Errorf(op, station.KindInvalid, "no signer, no device key and no certificate to authenticate to the hub with")
 	}
 	hub := cfg.Hub
 	if hub == "" {
@@ -94,6 +98,11 @@ func ConnectHub(ctx context.Context, cfg HubConfig) (*HubClient, error) {
 	if tc.ServerName == "" {
 		tc.ServerName = host
 	}
+	if sign == nil {
+		cert := cfg.Certificate
+		tc.Certificates = nil
+		tc.GetClientCertificate = func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return cert, nil }
+	}
 	v := cfg.APIVersion
 	if v == "" {
 		v = DefaultHubAPIVersion
@@ -106,9 +115,12 @@ func ConnectHub(ctx context.Context, cfg HubConfig) (*HubClient, error) {
 	if cfg.Now != nil {
 		now = cfg.Now
 	}
-	token, err := BuildSAS(ctx, HubDeviceResource(hub, cfg.DeviceID), now().Add(life), "", sign)
-	if err != nil {
-		return nil, err
+	var token string
+	if sign != nil {
+		var err error
+		if token, err = BuildSAS(ctx, HubDeviceResource(hub, cfg.DeviceID), now().Add(life), "", sign); err != nil {
+			return nil, err
+		}
 	}
 
 	opts := mqtt.NewClientOptions().

@@ -6,9 +6,12 @@
 # registration over HTTPS, telemetry to the assigned hub over MQTT with the
 # TPM-held key, and the refusals; and e2e/node/symkey.test.js: the same with
 # a symmetric-key enrollment (primary and secondary keys, the hub reached
-# with a device connection string), and its refusals. Run by `make e2e` after `make build`; needs
+# with a device connection string), and its refusals; and e2e/node/mqtt.test.js:
+# symmetric-key registration over MQTT (kiln serve's --mqtt-addr, printed as
+# "mqtt") and MQTT over WebSockets (wss://127.0.0.1:443/$iothub/websocket). Run by `make e2e` after `make build`; needs
 # root (the SDK's HTTP transport and service client only use port 443), Node
-# 20 and npm, swtpm. Prints "N passed, M failed" last; exits 1 on a failure.
+# 20 and npm, swtpm, openssl (e2e/node/x509.test.js: X.509 group and individual
+# enrollments over HTTPS, then the hub over MQTT with the same certificate). Prints "N passed, M failed" last; exits 1 on a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -73,10 +76,12 @@ export KILN_SERVICE_CS=$cs
 export KILN_ID_SCOPE
 KILN_ID_SCOPE=$(field id_scope)
 export KILN_SERVE_LOG=$work/serve.log
+export KILN_MQTT
+KILN_MQTT=$(field mqtt)
 check "kiln serve prints the global endpoint as the SDK wants it (host only on 443)" test "$endpoint" = "127.0.0.1"
 check "kiln serve prints the service connection string as the SDK wants it (HostName without :443)" grep -q '^HostName=127.0.0.1;' <<< "$cs"
 
-for t in tpm symkey; do
+for t in tpm symkey mqtt x509; do
   set +e
   node --no-deprecation "e2e/node/$t.test.js" | tee "$work/node-$t.txt"
   set -e

@@ -16,6 +16,7 @@ import (
 type dpsOptions struct {
 	addr       string // DPS device and service API (HTTPS)
 	hubAddr    string // the embedded IoT Hub (MQTT over TLS)
+	mqttAddr   string // DPS device API over MQTT with TLS; empty: none
 	idScope    string
 	retryAfter time.Duration
 	// tlsCert and tlsKey, when set, are the PEM files of the certificate
@@ -41,7 +42,7 @@ func startEmbeddedDPS(ctx context.Context, dir string, o dpsOptions, log *slog.L
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	cfg := devserver.EmbeddedConfig{DataDir: dir, Addr: o.addr, HubAddr: o.hubAddr, IDScope: o.idScope, RetryAfter: o.retryAfter, Logger: log}
+	cfg := devserver.EmbeddedConfig{DataDir: dir, Addr: o.addr, HubAddr: o.hubAddr, MQTTAddr: o.mqttAddr, IDScope: o.idScope, RetryAfter: o.retryAfter, Logger: log}
 	if o.tlsCert != "" || o.tlsKey != "" {
 		cert, err := tls.LoadX509KeyPair(o.tlsCert, o.tlsKey)
 		if err != nil {

@@ -18,6 +18,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	o := dpsOptions{}
 	fs := newFlags(e, "serve")
 	fs.StringVar(&o.addr, "addr", "127.0.0.1:0", "DPS device and service API address (HTTPS); the Node SDK's HTTP transport needs port 443")
+	fs.StringVar(&o.mqttAddr, "mqtt-addr", "127.0.0.1:0", "DPS device API address over MQTT with TLS (DPS's 8883); empty: none. MQTT over WebSockets is on --addr at /$iothub/websocket")
 	fs.StringVar(&o.hubAddr, "hub-addr", "127.0.0.1:0", "embedded IoT Hub address (MQTT over TLS)")
 	fs.StringVar(&o.idScope, "id-scope", "", "ID scope (default: one generated on first start and kept)")
 	fs.DurationVar(&o.retryAfter, "retry-after", time.Second, "poll interval the service asks devices for")
@@ -41,6 +42,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 		IDScope:           d.dps.IDScope(),
 		ServiceConnection: d.dps.ServiceConnectionString(),
 		Hub:               d.hub.Addr(),
+		MQTT:              d.dps.MQTTAddr(),
 		TrustBundle:       d.caPath,
 	}
 	if *asJSON {
@@ -53,6 +55,9 @@ func runServe(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintf(w, "  global endpoint    %s (HTTPS)\n", info.GlobalEndpoint)
 		fmt.Fprintf(w, "  ID scope           %s\n", info.IDScope)
 		fmt.Fprintf(w, "  service            %s\n", info.ServiceConnection)
+		if info.MQTT != "" {
+			fmt.Fprintf(w, "  DPS over MQTT      %s (MQTT over TLS; WebSockets: wss://%s/$iothub/websocket)\n", info.MQTT, d.dps.Addr())
+		}
 		fmt.Fprintf(w, "  IoT hub            %s (MQTT over TLS)\n", info.Hub)
 		fmt.Fprintf(w, "  trust bundle       %s (for Node: NODE_EXTRA_CA_CERTS=%s)\n", info.TrustBundle, info.TrustBundle)
 		fmt.Fprintln(w, "Press Ctrl-C to stop.")
@@ -67,6 +72,7 @@ type serveInfo struct {
 	IDScope           string `json:"id_scope"`
 	ServiceConnection string `json:"service_connection_string"`
 	Hub               string `json:"hub"`
+	MQTT              string `json:"mqtt,omitempty"` // the DPS device API over MQTT with TLS (host:port)
 	TrustBundle       string `json:"trust_bundle"`
 }
 

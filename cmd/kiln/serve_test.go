@@ -51,6 +51,14 @@ func TestServe(t *testing.T) {
 	if !pool.AppendCertsFromPEM(caPEM) {
 		t.Fatal("the trust bundle holds no certificate")
 	}
+	// The DPS device API over MQTT listens by default, with the same TLS identity.
+	if info.MQTT == "" {
+		t.Error("kiln serve --json printed no mqtt address")
+	} else if mc, err := tls.Dial("tcp", info.MQTT, &tls.Config{RootCAs: pool, ServerName: "127.0.0.1"}); err != nil {
+		t.Errorf("TLS to the MQTT address %s: %v", info.MQTT, err)
+	} else {
+		mc.Close()
+	}
 	httpc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}
 	svc, err := dps.NewServiceClient(info.ServiceConnection, dps.ServiceOptions{HTTP: httpc, BaseURL: "https://" + info.GlobalEndpoint})
 	if err != nil {
