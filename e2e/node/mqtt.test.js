@@ -15,59 +15,16 @@
 // Prints one line per case ("ok    NAME" or "FAIL  NAME: why") and exits 1
 // if any case failed.
 
+const { env, runCase, errText, assert, cb, finish, crash } = require('./harness');
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
 const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
 const { Mqtt, MqttWs } = require('azure-iot-provisioning-device-mqtt');
 const { ProvisioningServiceClient } = require('azure-iot-provisioning-service');
 
-const env = (name) => {
-  const v = process.env[name];
-  if (!v) {
-    console.error(`${name} is not set: run this through scripts/e2e-node.sh`);
-    process.exit(2);
-  }
-  return v;
-};
 const globalEndpoint = env('KILN_GLOBAL_ENDPOINT');
 const mqttAddr = env('KILN_MQTT');
 const idScope = env('KILN_ID_SCOPE');
 const serviceCS = env('KILN_SERVICE_CS');
-const caseTimeout = 60000;
-
-let passed = 0;
-let failed = 0;
-
-async function runCase(name, fn) {
-  let timer;
-  try {
-    const detail = await Promise.race([
-      fn(),
-      new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(`timed out after ${caseTimeout / 1000} s`)), caseTimeout); }),
-    ]);
-    console.log(`ok    ${name}${detail ? ` (${detail})` : ''}`);
-    passed++;
-    return true;
-  } catch (err) {
-    console.log(`FAIL  ${name}: ${errText(err)}`);
-    failed++;
-    return false;
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-function errText(err) {
-  if (!err) return String(err);
-  let s = `${err.name || 'Error'}: ${err.message}`;
-  if (err.result) s += ` result=${JSON.stringify(err.result).slice(0, 300)}`;
-  return s;
-}
-
-function assert(cond, msg) {
-  if (!cond) throw new Error(msg);
-}
-
-const cb = (fn) => new Promise((resolve, reject) => fn((err, res) => (err ? reject(err) : resolve(res))));
 
 // register runs a registration with transport (Mqtt: the endpoint is
 // host:port; MqttWs: the host name, port 443).
@@ -147,11 +104,7 @@ async function main() {
     for (const id of ids) await service.deleteIndividualEnrollment(id);
   });
 
-  console.log(`node: ${passed} passed, ${failed} failed`);
-  process.exit(failed ? 1 : 0);
+  finish();
 }
 
-main().catch((err) => {
-  console.log(`FAIL  node test crashed: ${errText(err)}`);
-  process.exit(1);
-});
+main().catch(crash);

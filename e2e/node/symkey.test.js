@@ -14,8 +14,8 @@
 // Prints one line per case ("ok    NAME" or "FAIL  NAME: why") and exits 1
 // if any case failed.
 
+const { env, exchangesFor, describe, runCase, errText, assert, cb, finish, crash } = require('./harness');
 const fs = require('fs');
-const dc = require('diagnostics_channel');
 
 const { SymmetricKeySecurityClient } = require('azure-iot-security-symmetric-key');
 const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
@@ -24,66 +24,12 @@ const { ProvisioningServiceClient } = require('azure-iot-provisioning-service');
 const { Client, Message } = require('azure-iot-device');
 const { Mqtt } = require('azure-iot-device-mqtt');
 
-const env = (name) => {
-  const v = process.env[name];
-  if (!v) {
-    console.error(`${name} is not set: run this through scripts/e2e-node.sh`);
-    process.exit(2);
-  }
-  return v;
-};
 const globalEndpoint = env('KILN_GLOBAL_ENDPOINT');
 const idScope = env('KILN_ID_SCOPE');
 const serviceCS = env('KILN_SERVICE_CS');
 const serveLog = env('KILN_SERVE_LOG');
-const caseTimeout = 60000;
 
-// Every HTTP exchange the SDK makes, seen through Node's own diagnostics
-// channel (no SDK code is touched): what status did the server answer?
-const exchanges = [];
-dc.subscribe('http.client.response.finish', ({ request, response }) => {
-  exchanges.push({ method: request.method, path: request.path, status: response.statusCode });
-});
-const exchangesFor = (regId) => exchanges.filter((x) => x.path.includes(`/registrations/${regId}/`));
-const describe = (xs) => xs.map((x) => `${x.method} ${x.path.replace(/\?.*/, '')} → ${x.status}`).join('; ');
-
-let passed = 0;
-let failed = 0;
 const state = {};
-
-async function runCase(name, fn) {
-  let timer;
-  try {
-    const detail = await Promise.race([
-      fn(),
-      new Promise((_, reject) => { timer = setTimeout(() => reject(new Error(`timed out after ${caseTimeout / 1000} s`)), caseTimeout); }),
-    ]);
-    console.log(`ok    ${name}${detail ? ` (${detail})` : ''}`);
-    passed++;
-    return true;
-  } catch (err) {
-    console.log(`FAIL  ${name}: ${errText(err)}`);
-    failed++;
-    return false;
-  } finally {
-    clearTimeout(timer);
-  }
-}
-
-function errText(err) {
-  if (!err) return String(err);
-  let s = `${err.name || 'Error'}: ${err.message}`;
-  if (err.response && err.response.statusCode) s += ` [HTTP ${err.response.statusCode}]`;
-  if (err.responseBody) s += ` body=${String(err.responseBody).slice(0, 300)}`;
-  if (err.result) s += ` result=${JSON.stringify(err.result).slice(0, 300)}`;
-  return s;
-}
-
-function assert(cond, msg) {
-  if (!cond) throw new Error(msg);
-}
-
-const cb = (fn) => new Promise((resolve, reject) => fn((err, res) => (err ? reject(err) : resolve(res))));
 
 function register(regId, key) {
   const security = new SymmetricKeySecurityClient(regId, key);
@@ -267,11 +213,7 @@ async function main() {
     }
   });
 
-  console.log(`node: ${passed} passed, ${failed} failed`);
-  process.exit(failed ? 1 : 0);
+  finish();
 }
 
-main().catch((err) => {
-  console.log(`FAIL  node test crashed: ${errText(err)}`);
-  process.exit(1);
-});
+main().catch(crash);
