@@ -2,11 +2,8 @@ package agent_test
 
 import (
 	"context"
-	"crypto/tls"
 	"crypto/x509"
-	"encoding/base64"
 	"encoding/json"
-	"net/http"
 	"slices"
 	"strings"
 	"testing"
@@ -129,6 +126,7 @@ func TestProvisionEndToEnd(t *testing.T) {
 // devEnv is a running devserver with its embedded hub, certificates from a
 // throwaway CA.
 type devEnv struct {
+	emb     *devserver.Embedded
 	dps     *devserver.Server
 	hub     *devserver.Hub
 	hubName string
@@ -143,7 +141,7 @@ func startDevserver(t *testing.T) *devEnv {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { emb.Close() })
-	env := &devEnv{dps: emb.DPS, hub: emb.Hub, hubName: emb.Hub.Addr(), roots: x509.NewCertPool(), pem: string(emb.TrustPEM)}
+	env := &devEnv{emb: emb, dps: emb.DPS, hub: emb.Hub, hubName: emb.Hub.Addr(), roots: x509.NewCertPool(), pem: string(emb.TrustPEM)}
 	if !env.roots.AppendCertsFromPEM(emb.TrustPEM) {
 		t.Fatal("the embedded DPS's trust bundle holds no certificate")
 	}
@@ -153,19 +151,11 @@ func startDevserver(t *testing.T) *devEnv {
 // enroll creates an individual TPM enrollment through the service API.
 func (env *devEnv) enroll(t *testing.T, regID string, ekPublic []byte) {
 	t.Helper()
-	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: env.roots}}}
-	svc, err := dps.NewServiceClient(env.dps.ServiceConnectionString(), dps.ServiceOptions{HTTP: hc, BaseURL: "https://" + env.dps.Addr()})
+	svc, err := env.emb.ServiceClient()
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = svc.PutEnrollment(t.Context(), &dps.IndividualEnrollment{
-		RegistrationID: regID,
-		Attestation: dps.AttestationMechanism{
-			Type: dps.AttestationTPM,
-			TPM:  &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ekPublic)},
-		},
-	}, "")
-	if err != nil {
+	if _, err := svc.PutEnrollment(t.Context(), dps.NewTPMEnrollment(regID, ekPublic), ""); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -12,8 +12,10 @@ import (
 	"log/slog"
 	"math/big"
 	"net"
+	"net/http"
 	"time"
 
+	"github.com/kilnworks/kiln/dps"
 	"github.com/kilnworks/kiln/station"
 )
 
@@ -175,4 +177,15 @@ func NewTLSIdentity() (caPEM []byte, cert tls.Certificate, err error) {
 	}
 	caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER})
 	return caPEM, tls.Certificate{Certificate: [][]byte{der, caDER}, PrivateKey: key}, nil
+}
+
+// ServiceClient returns a client of this DPS's service API, with the owner
+// policy's connection string, that trusts the DPS's TLS root.
+func (e *Embedded) ServiceClient() (*dps.ServiceClient, error) {
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(e.TrustPEM) {
+		return nil, station.Errorf("service client", station.KindInvalid, "the embedded DPS's trust bundle holds no certificate")
+	}
+	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}}
+	return dps.NewServiceClient(e.DPS.ServiceConnectionString(), dps.ServiceOptions{HTTP: hc, BaseURL: "https://" + e.DPS.Addr()})
 }

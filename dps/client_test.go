@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
-	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -26,6 +25,7 @@ import (
 // devEnv is a running devserver (DPS over HTTPS) with its embedded hub,
 // both with certificates from a throwaway CA.
 type devEnv struct {
+	emb     *devserver.Embedded
 	dps     *devserver.Server
 	hub     *devserver.Hub
 	hubName string // the linked hub's name: 127.0.0.1:port, dialled as it is
@@ -40,7 +40,7 @@ func startDevserver(t *testing.T) *devEnv {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { emb.Close() })
-	env := &devEnv{dps: emb.DPS, hub: emb.Hub, hubName: emb.Hub.Addr(), roots: x509.NewCertPool(), pem: string(emb.TrustPEM)}
+	env := &devEnv{emb: emb, dps: emb.DPS, hub: emb.Hub, hubName: emb.Hub.Addr(), roots: x509.NewCertPool(), pem: string(emb.TrustPEM)}
 	if !env.roots.AppendCertsFromPEM(emb.TrustPEM) {
 		t.Fatal("the embedded DPS's trust bundle holds no certificate")
 	}
@@ -54,19 +54,11 @@ func (env *devEnv) httpClient() *http.Client {
 // enroll creates an individual TPM enrollment through the service API.
 func (env *devEnv) enroll(t *testing.T, regID string, ekPublic []byte) {
 	t.Helper()
-	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: env.roots}}}
-	svc, err := dps.NewServiceClient(env.dps.ServiceConnectionString(), dps.ServiceOptions{HTTP: hc, BaseURL: "https://" + env.dps.Addr()})
+	svc, err := env.emb.ServiceClient()
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = svc.PutEnrollment(t.Context(), &dps.IndividualEnrollment{
-		RegistrationID: regID,
-		Attestation: dps.AttestationMechanism{
-			Type: dps.AttestationTPM,
-			TPM:  &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ekPublic)},
-		},
-	}, "")
-	if err != nil {
+	if _, err := svc.PutEnrollment(t.Context(), dps.NewTPMEnrollment(regID, ekPublic), ""); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -3,6 +3,7 @@ package dps
 import (
 	"bytes"
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -196,4 +197,17 @@ func kindOfStatus(status int) station.Kind {
 		return station.KindInvalid
 	}
 	return station.KindOther
+}
+
+// NewTPMEnrollment returns an enabled individual enrollment of regID
+// attested by the EK (its TPM2B_PUBLIC), ready for PutEnrollment.
+func NewTPMEnrollment(regID string, ekPublic []byte) *IndividualEnrollment {
+	return &IndividualEnrollment{
+		RegistrationID: regID,
+		Attestation: AttestationMechanism{
+			Type: AttestationTPM,
+			TPM:  &TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ekPublic)},
+		},
+		ProvisioningStatus: "enabled",
+	}
 }

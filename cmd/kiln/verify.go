@@ -2,10 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
-	"encoding/base64"
-	"net/http"
 	"path/filepath"
 	"time"
 
@@ -28,14 +24,7 @@ var (
 )
 
 func (d *dpsCheck) EnrollTPM(ctx context.Context, regID string, ekPublic []byte) error {
-	_, err := d.svc.PutEnrollment(ctx, &dps.IndividualEnrollment{
-		RegistrationID: regID,
-		Attestation: dps.AttestationMechanism{
-			Type: dps.AttestationTPM,
-			TPM:  &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ekPublic)},
-		},
-		ProvisioningStatus: "enabled",
-	}, "")
+	_, err := d.svc.PutEnrollment(ctx, dps.NewTPMEnrollment(regID, ekPublic), "")
 	return err
 }
 
@@ -68,10 +57,7 @@ func startEndToEnd(ctx context.Context, e *env, c *config) (*station.EndToEnd, *
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	pool := x509.NewCertPool()
-	pool.AppendCertsFromPEM(d.caPEM)
-	httpc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}}
-	svc, err := dps.NewServiceClient(d.dps.ServiceConnectionString(), dps.ServiceOptions{HTTP: httpc, BaseURL: "https://" + d.dps.Addr()})
+	svc, err := d.ServiceClient()
 	if err != nil {
 		d.Close()
 		return nil, nil, nil, err
@@ -87,5 +73,5 @@ func startEndToEnd(ctx context.Context, e *env, c *config) (*station.EndToEnd, *
 		},
 		Production: c.Production,
 	}
-	return x, d, func() { httpc.CloseIdleConnections(); d.Close() }, nil
+	return x, d, func() { d.Close() }, nil
 }
