@@ -201,12 +201,15 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request, trackingID, sc
 	log.Debug("register", "apiVersion", r.URL.Query().Get("api-version"))
 	d, err := s.newDeviceRequest(ctx, r, trackingID, scope, registrationID, true)
 	if err != nil {
+		s.countRegistrationRefused(d, err)
 		s.writeError(w, r, trackingID, err)
 		return
 	}
+	s.noteRegisterRequest(d)
 	if r.Header.Get("Authorization") == "" && d.x509 == nil {
 		a, err := s.attestationFor(d.enrollment)
 		if err != nil {
+			s.countRegistrationRefused(d, err)
 			s.writeError(w, r, trackingID, err)
 			return
 		}
@@ -215,6 +218,7 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request, trackingID, sc
 			err = station.Errorf("register device", station.KindUnauthorized, "the request has no Authorization header")
 		}
 		if err != nil {
+			s.countRegistrationRefused(d, err)
 			s.writeError(w, r, trackingID, err)
 			return
 		}
@@ -234,7 +238,9 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request, trackingID, sc
 // register: it authenticates d, starts an operation and its assignment,
 // and returns the 202 "assigning" answer. Kinds: Unauthorized, Internal.
 func (s *Server) startRegistration(ctx context.Context, d *deviceRequest, log *slog.Logger) (*dps.RegistrationOperationStatus, error) {
+	s.noteRegisterRequest(d) // over MQTT, the first register request
 	if _, _, err := s.authenticate(ctx, d); err != nil {
+		s.countRegistrationRefused(d, err)
 		return nil, err
 	}
 	opID := newOperationID()
@@ -251,8 +257,10 @@ func (s *Server) startRegistration(ctx context.Context, d *deviceRequest, log *s
 		if station.KindOf(err) == station.KindNotFound {
 			err = station.E("register device", station.KindUnauthorized, err)
 		}
+		s.countRegistrationRefused(d, err)
 		return nil, err
 	}
+	s.countRegistrationAccepted(opID, d)
 	s.startAssignment(opID, d.trackingID)
 	log.Info("registration accepted", "operationId", opID, "transport", d.transport)
 	return &dps.RegistrationOperationStatus{OperationID: opID, Status: dps.StatusAssigning}, nil
@@ -340,6 +348,7 @@ func (s *Server) lookup(w http.ResponseWriter, r *http.Request, trackingID, scop
 		s.writeError(w, r, trackingID, err)
 		return
 	}
+	s.countBillable(opDeviceLookup)
 	writeJSON(w, http.StatusOK, reg.state())
 }
 
@@ -391,6 +400,7 @@ func (s *Server) startAssignment(opID, trackingID string) {
 			if s.ctx.Err() != nil {
 				return // closing: resumed at the next New
 			}
+			s.countRegistrationDone(opID, "error")
 			log.Error("assignment failed", "err", err)
 		}
 	}()
@@ -465,6 +475,7 @@ func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) erro
 	if err := s.db.finishOperation(ctx, opID, reg, result); err != nil {
 		return err
 	}
+	s.countRegistrationDone(opID, reg.Status)
 	log.Info("assignment done", "status", reg.Status, "hub", reg.Hub, "deviceId", reg.DeviceID, "errorCode", reg.ErrorCode)
 	return nil
 }

@@ -152,6 +152,7 @@ func (k *hubHook) OnPublished(cl *mqtt.Client, pk packets.Packet) {
 		}
 		h.log.Debug("telemetry", "hub", s.hub, "device", s.deviceID, "bytes", len(t.Body), "properties", len(t.Properties))
 		h.record(t)
+		h.countTelemetry()
 	}
 }
 

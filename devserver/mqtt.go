@@ -452,7 +452,9 @@ func (m *dpsMQTT) serve(cl *mqtt.Client, sess *dpsSession, topic string, payload
 			err = station.Errorf("register device", station.KindInvalid,
 				"TPM attestation is not supported over MQTT: register TPM devices over HTTPS")
 		}
-		if err == nil {
+		if err != nil {
+			m.s.countRegistrationRefused(d, err) // startRegistration counts its own refusals
+		} else {
 			status = http.StatusAccepted
 			st, err = m.s.startRegistration(ctx, d, log)
 		}

@@ -101,6 +101,7 @@ type Server struct {
 	serviceKeys map[string][]byte
 	attest      map[string]attestation // by enrollment attestation type (lower case)
 	handler     http.Handler
+	metrics     metrics // the counters of GET /metrics (metrics.go)
 
 	// Assignment workers: one goroutine per pending operation, stopped by
 	// cancel and awaited by Close.
@@ -427,9 +428,12 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, maxBody)
+	defer s.countServiceRequest(&w, r.Method, segs)()
 	is := strings.EqualFold
 	post := r.Method == http.MethodPost
 	switch {
+	case len(segs) == 1 && segs[0] == "metrics":
+		s.allow(w, r, trackingID, http.MethodGet, func() { s.serveMetrics(w, r) })
 	case len(segs) == 1 && (is(segs[0], "enrollments") || is(segs[0], "enrollmentGroups")):
 		s.allow(w, r, trackingID, http.MethodPost, func() { s.serveBulk(w, r, trackingID, is(segs[0], "enrollmentGroups")) })
 	case len(segs) == 2 && post && is(segs[0], "enrollments") && is(segs[1], "query"):
