@@ -27,6 +27,9 @@ type Provisioner struct {
 	Logger        *slog.Logger     // defaults to slog.Default()
 	// EndToEnd, when set, proves each unit against a DPS before it passes.
 	EndToEnd *EndToEnd
+	// Batches, when set, puts each passing unit into the open batch (opening
+	// one named by the date when none is open) in the record step.
+	Batches BatchStore
 	// OnStep, when set, is told when a step starts (Done false) and ends
 	// (Done true). It is called from the provisioning goroutine: a GUI must
 	// hand the event over to its own thread.
@@ -332,8 +335,46 @@ func (w *runner) steps(prof Profile) error {
 		if err := p.Store.RecordUnit(ctx, u); err != nil {
 			return "", nil, err
 		}
-		return "registration ID " + r.RegistrationID, nil, nil
+		detail := "registration ID " + r.RegistrationID
+		if p.Batches == nil {
+			return detail, nil, nil
+		}
+		b, err := w.joinBatch()
+		if err != nil {
+			return detail, nil, E("join batch", KindOf(err), fmt.Errorf(
+				"unit %s is recorded, but it is in no batch (%w): fix the cause, then add the unit to the open batch by hand; provisioning it again would fail as a duplicate", r.Serial, err))
+		}
+		return fmt.Sprintf("%s; batch %d (%s)", detail, b.ID, b.Name), nil, nil
 	})
+}
+
+// joinBatch puts the run's (recorded) unit into the open batch, opening one
+// when none is open. The unit is recorded already, so this finishes even when
+// the run's context is cancelled, within a bound. A batch sealed or opened by
+// someone else meanwhile is a Conflict; it is retried a few times.
+func (w *runner) joinBatch() (*Batch, error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(w.ctx), 10*time.Second)
+	defer cancel()
+	bs := w.p.Batches
+	var err error
+	for range 3 {
+		var b *Batch
+		b, err = bs.OpenBatch(ctx)
+		if KindOf(err) == KindNotFound {
+			b = &Batch{Name: BatchName(w.now()), State: BatchOpen, Created: w.now().UTC()}
+			err = bs.CreateBatch(ctx, b)
+		}
+		if err == nil {
+			err = bs.AddUnit(ctx, b.ID, w.r.Serial)
+		}
+		if err == nil {
+			return b, nil
+		}
+		if KindOf(err) != KindConflict {
+			break
+		}
+	}
+	return nil, err
 }
 
 func (p *Provisioner) checkSerial(s string) error {

@@ -103,6 +103,7 @@ func newProvisioner(ctx context.Context, e *env, c *config) (*station.Provisione
 		SerialPattern: pattern,
 		Logger:        log,
 		EndToEnd:      x,
+		Batches:       store,
 	}
 	return p, closeAll, nil
 }
