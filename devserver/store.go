@@ -10,21 +10,16 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"io/fs"
-	"net/url"
 	"os"
 	"path/filepath"
-	"runtime"
-	"sort"
-	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	sqlite3 "github.com/mattn/go-sqlite3"
 
 	"github.com/kilnworks/kiln/dps"
+	"github.com/kilnworks/kiln/internal/sqlitedb"
 	"github.com/kilnworks/kiln/station"
 )
 
@@ -45,20 +40,17 @@ import (
 var migrationFS embed.FS
 
 const (
-	dbFile      = "devserver.db"
-	keyFile     = "devserver.key"
-	busyTimeout = 5 * time.Second
-	timeLayout  = "2006-01-02T15:04:05.000000000Z"
+	dbFile     = "devserver.db"
+	keyFile    = "devserver.key"
+	timeLayout = "2006-01-02T15:04:05.000000000Z"
 )
 
 // store is the devserver's SQLite database. It is safe for concurrent use.
 type store struct {
+	db    *sqlitedb.DB
 	write *sql.DB // one connection: every write, serialized
 	read  *sql.DB // query-only connections
 	seal  cipher.AEAD
-
-	closeOnce sync.Once
-	closeErr  error
 }
 
 // openStore opens (creating them if needed) the database and the data key
@@ -77,70 +69,15 @@ func openStore(ctx context.Context, dir string) (*store, error) {
 	if err != nil {
 		return nil, station.E(op, station.KindInvalid, err)
 	}
-	s := &store{seal: aead}
-	s.write, err = sql.Open("sqlite3", dsn(abs, url.Values{"_journal_mode": {"WAL"}, "_txlock": {"immediate"}}))
+	db, err := sqlitedb.Open(ctx, abs, schema, dbError)
 	if err != nil {
-		return nil, station.E(op, station.KindInternal, err)
-	}
-	s.write.SetMaxOpenConns(1)
-	s.write.SetMaxIdleConns(1)
-	s.write.SetConnMaxIdleTime(0)
-	s.write.SetConnMaxLifetime(0)
-	var mode string
-	if err := s.write.QueryRowContext(ctx, "PRAGMA journal_mode").Scan(&mode); err != nil {
-		s.write.Close()
-		return nil, dbError(op, err)
-	}
-	if !strings.EqualFold(mode, "wal") {
-		s.write.Close()
-		return nil, station.Errorf(op, station.KindUnavailable,
-			"%s: journal mode is %q, not WAL: put the data directory on a local disk", abs, mode)
-	}
-	if err := s.migrate(ctx, abs); err != nil {
-		s.write.Close()
 		return nil, err
 	}
-	s.read, err = sql.Open("sqlite3", dsn(abs, url.Values{"_query_only": {"1"}}))
-	if err != nil {
-		s.write.Close()
-		return nil, station.E(op, station.KindInternal, err)
-	}
-	n := max(4, runtime.NumCPU())
-	s.read.SetMaxOpenConns(n)
-	s.read.SetMaxIdleConns(n)
-	if err := s.read.PingContext(ctx); err != nil {
-		s.close()
-		return nil, dbError(op, err)
-	}
-	return s, nil
-}
-
-func dsn(abs string, extra url.Values) string {
-	q := url.Values{
-		"_foreign_keys": {"1"},
-		"_busy_timeout": {strconv.Itoa(int(busyTimeout / time.Millisecond))},
-		"_synchronous":  {"NORMAL"},
-	}
-	for k, v := range extra {
-		q[k] = v
-	}
-	return "file:" + (&url.URL{Path: filepath.ToSlash(abs)}).EscapedPath() + "?" + q.Encode()
+	return &store{db: db, write: db.Write, read: db.Read, seal: aead}, nil
 }
 
 // close closes the connections; it is idempotent.
-func (s *store) close() error {
-	s.closeOnce.Do(func() {
-		var errs []error
-		if s.read != nil {
-			errs = append(errs, s.read.Close())
-		}
-		errs = append(errs, s.write.Close())
-		if err := errors.Join(errs...); err != nil {
-			s.closeErr = station.E("close devserver database", station.KindInternal, err)
-		}
-	})
-	return s.closeErr
-}
+func (s *store) close() error { return s.db.Close() }
 
 // loadDataKey reads the 32-byte data key at path, creating it (0600) when
 // it does not exist, and returns its AES-256-GCM AEAD.
@@ -204,75 +141,8 @@ func (s *store) openValue(sealed []byte, aad string) ([]byte, error) {
 	return plain, nil
 }
 
-type migration struct {
-	version int
-	name    string
-	sql     string
-}
-
-var schema = func() []migration {
-	names, err := fs.Glob(migrationFS, "migrations/*.sql")
-	if err != nil {
-		panic(err)
-	}
-	sort.Strings(names)
-	ms := make([]migration, 0, len(names))
-	for i, name := range names {
-		base := filepath.Base(name)
-		num, _, ok := strings.Cut(base, "_")
-		v, err := strconv.Atoi(num)
-		if !ok || err != nil || v != i+1 {
-			panic(fmt.Sprintf("devserver: migration %s: want a name like %04d_what.sql", name, i+1))
-		}
-		b, err := migrationFS.ReadFile(name)
-		if err != nil {
-			panic(err)
-		}
-		ms = append(ms, migration{version: v, name: base, sql: string(b)})
-	}
-	return ms
-}()
-
-func (s *store) migrate(ctx context.Context, path string) error {
-	const op = "migrate devserver database"
-	var v int
-	if err := s.write.QueryRowContext(ctx, "PRAGMA user_version").Scan(&v); err != nil {
-		return dbError(op, err)
-	}
-	if v > len(schema) {
-		return station.Errorf(op, station.KindInvalid,
-			"%s: schema version %d is newer than this kiln (%d): upgrade kiln", path, v, len(schema))
-	}
-	for _, m := range schema[v:] {
-		if err := s.apply(ctx, m); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (s *store) apply(ctx context.Context, m migration) error {
-	op := "apply devserver migration " + m.name
-	tx, err := s.write.BeginTx(ctx, nil)
-	if err != nil {
-		return dbError(op, err)
-	}
-	defer tx.Rollback()
-	var v int
-	if err := tx.QueryRowContext(ctx, "PRAGMA user_version").Scan(&v); err != nil {
-		return dbError(op, err)
-	}
-	if v >= m.version {
-		return nil
-	}
-	if _, err := tx.ExecContext(ctx, m.sql); err != nil {
-		return dbError(op, err)
-	}
-	if _, err := tx.ExecContext(ctx, fmt.Sprintf("PRAGMA user_version = %d", m.version)); err != nil {
-		return dbError(op, err)
-	}
-	return dbError(op, tx.Commit())
-}
+// schema is the embedded migrations, checked once at start-up.
+var schema = sqlitedb.Migrations(migrationFS, "migrations/*.sql", "devserver")
 
 // dbError translates a database error at the boundary: no rows → NotFound,
 // constraint violations → Conflict, busy/locked → Unavailable, cancelled

@@ -4,6 +4,8 @@ import (
 	"database/sql"
 	"path/filepath"
 	"testing"
+
+	"github.com/kilnworks/kiln/internal/sqlitedb"
 )
 
 // TestMigration0003KeepsRegistrations migrates a version-2 database that
@@ -17,13 +19,13 @@ func TestMigration0003KeepsRegistrations(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	db, err := sql.Open("sqlite3", dsn(abs, nil))
+	db, err := sql.Open("sqlite3", sqlitedb.DSN(abs, nil))
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, m := range schema[:2] {
-		if _, err := db.Exec(m.sql); err != nil {
-			t.Fatalf("%s: %v", m.name, err)
+		if _, err := db.Exec(m.SQL); err != nil {
+			t.Fatalf("%s: %v", m.Name, err)
 		}
 	}
 	for _, q := range []string{

@@ -24,18 +24,14 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
-	"net/url"
 	"os"
 	"path/filepath"
-	"runtime"
-	"sort"
-	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	sqlite3 "github.com/mattn/go-sqlite3"
 
+	"github.com/kilnworks/kiln/internal/sqlitedb"
 	"github.com/kilnworks/kiln/station"
 )
 
@@ -43,10 +39,6 @@ var _ station.Store = (*Store)(nil)
 
 //go:embed migrations/*.sql
 var migrationFS embed.FS
-
-// busyTimeout is how long a connection waits for a lock held by another
-// process before it gives up with SQLITE_BUSY.
-const busyTimeout = 5 * time.Second
 
 // timeLayout is how times are stored: UTC, fixed width, nanoseconds.
 const timeLayout = "2006-01-02T15:04:05.000000000Z"
@@ -59,11 +51,9 @@ type Store struct {
 	Now func() time.Time
 
 	path  string
+	db    *sqlitedb.DB
 	write *sql.DB // one connection: all writes, serialized
 	read  *sql.DB // query-only connections
-
-	closeOnce sync.Once
-	closeErr  error
 }
 
 // Open opens (creating it if needed) the database at path, applies any
@@ -80,192 +70,26 @@ func Open(ctx context.Context, path string) (*Store, error) {
 	if err != nil {
 		return nil, station.E(op, station.KindInvalid, err)
 	}
-	s := &Store{Now: time.Now, path: abs}
-
-	// The writer sets WAL mode (persistent in the file) before any reader
-	// opens; readers never write, not even the journal mode.
-	s.write, err = sql.Open("sqlite3", dsn(abs, url.Values{
-		"_journal_mode": {"WAL"},
-		"_txlock":       {"immediate"}, // take the write lock at BEGIN, not halfway through
-	}))
+	db, err := sqlitedb.Open(ctx, abs, schema, translate)
 	if err != nil {
-		return nil, station.E(op, station.KindInternal, err)
-	}
-	s.write.SetMaxOpenConns(1)
-	s.write.SetMaxIdleConns(1)
-	s.write.SetConnMaxIdleTime(0)
-	s.write.SetConnMaxLifetime(0)
-
-	// SQLite falls back to a rollback journal, silently, where WAL cannot
-	// work (some network file systems); readers would then block the writer.
-	var mode string
-	if err := s.write.QueryRowContext(ctx, "PRAGMA journal_mode").Scan(&mode); err != nil {
-		s.write.Close()
-		return nil, translate(op, err)
-	}
-	if !strings.EqualFold(mode, "wal") {
-		s.write.Close()
-		return nil, station.Errorf(op, station.KindUnavailable,
-			"%s: journal mode is %q, not WAL: put the data directory on a local disk", abs, mode)
-	}
-	if err := s.migrate(ctx); err != nil {
-		s.write.Close()
 		return nil, err
 	}
-
-	s.read, err = sql.Open("sqlite3", dsn(abs, url.Values{"_query_only": {"1"}}))
-	if err != nil {
-		s.write.Close()
-		return nil, station.E(op, station.KindInternal, err)
-	}
-	n := max(4, runtime.NumCPU())
-	s.read.SetMaxOpenConns(n)
-	s.read.SetMaxIdleConns(n)
-	if err := s.read.PingContext(ctx); err != nil {
-		s.Close()
-		return nil, translate(op, err)
-	}
-	return s, nil
-}
-
-// dsn returns the go-sqlite3 data source name for the file at abs with the
-// settings every connection gets plus extra.
-func dsn(abs string, extra url.Values) string {
-	q := url.Values{
-		"_foreign_keys": {"1"},
-		"_busy_timeout": {strconv.Itoa(int(busyTimeout / time.Millisecond))},
-		"_synchronous":  {"NORMAL"},
-	}
-	for k, v := range extra {
-		q[k] = v
-	}
-	// A file: URI, with the path escaped so that '?' or '#' in it survive.
-	return "file:" + (&url.URL{Path: filepath.ToSlash(abs)}).EscapedPath() + "?" + q.Encode()
+	return &Store{Now: time.Now, path: abs, db: db, write: db.Write, read: db.Read}, nil
 }
 
 // Path returns the absolute path of the database file.
 func (s *Store) Path() string { return s.path }
 
-// Close closes the store's connections; it is idempotent. On the last close
-// SQLite checkpoints the WAL into the database file.
-func (s *Store) Close() error {
-	s.closeOnce.Do(func() {
-		var errs []error
-		if s.read != nil {
-			errs = append(errs, s.read.Close())
-		}
-		errs = append(errs, s.write.Close())
-		if err := errors.Join(errs...); err != nil {
-			s.closeErr = station.E("close store", station.KindInternal, err)
-		}
-	})
-	return s.closeErr
-}
-
-// migration is one numbered schema change.
-type migration struct {
-	version int
-	name    string
-	sql     string
-}
-
-// migrations returns the embedded migrations in order. Their numbers must
-// run 1, 2, 3, ... without gaps; a mistake there is a build bug, so it panics.
-func migrations() []migration {
-	names, err := fs.Glob(migrationFS, "migrations/*.sql")
-	if err != nil {
-		panic(err)
-	}
-	sort.Strings(names)
-	ms := make([]migration, 0, len(names))
-	for i, name := range names {
-		base := filepath.Base(name)
-		num, _, ok := strings.Cut(base, "_")
-		v, err := strconv.Atoi(num)
-		if !ok || err != nil || v != i+1 {
-			panic(fmt.Sprintf("station/sqlite: migration %s: want a name like %04d_what.sql", name, i+1))
-		}
-		b, err := migrationFS.ReadFile(name)
-		if err != nil {
-			panic(err)
-		}
-		ms = append(ms, migration{version: v, name: base, sql: string(b)})
-	}
-	return ms
-}
+// Close closes the store; it is idempotent. Closing the last connection
+// checkpoints the WAL into the database file.
+func (s *Store) Close() error { return s.db.Close() }
 
 // schema is the embedded migrations, checked once at start-up.
-var schema = migrations()
+var schema = sqlitedb.Migrations(migrationFS, "migrations/*.sql", "station/sqlite")
 
 // SchemaVersion returns the schema version this kiln writes: the number of
 // its last migration, as kept in the database's PRAGMA user_version.
 func SchemaVersion() int { return len(schema) }
-
-// migrate applies the migrations the database lacks, each in its own
-// immediate transaction, and bumps PRAGMA user_version with it. Two
-// processes opening a new file at once are serialized by the write lock.
-//
-// PRAGMA foreign_keys cannot change inside a transaction, so a future
-// migration that rebuilds a table must use PRAGMA defer_foreign_keys and end
-// with PRAGMA foreign_key_check instead.
-func (s *Store) migrate(ctx context.Context) error {
-	const op = "migrate database"
-	ms := schema
-	// Check the version before writing anything, so a newer database is
-	// refused untouched.
-	var v int
-	if err := s.write.QueryRowContext(ctx, "PRAGMA user_version").Scan(&v); err != nil {
-		return translate(op, err)
-	}
-	if err := checkVersion(s.path, v, len(ms)); err != nil {
-		return err
-	}
-	for _, m := range ms[min(v, len(ms)):] {
-		if err := s.apply(ctx, m); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func checkVersion(path string, v, known int) error {
-	if v > known {
-		return station.Errorf("open store", station.KindInvalid,
-			"%s: database schema version %d is newer than this kiln (%d): upgrade kiln", path, v, known)
-	}
-	return nil
-}
-
-// apply runs m in a transaction unless another process applied it first.
-func (s *Store) apply(ctx context.Context, m migration) error {
-	op := "apply migration " + m.name
-	tx, err := s.write.BeginTx(ctx, nil)
-	if err != nil {
-		return translate(op, err)
-	}
-	defer tx.Rollback()
-	var v int
-	if err := tx.QueryRowContext(ctx, "PRAGMA user_version").Scan(&v); err != nil {
-		return translate(op, err)
-	}
-	if err := checkVersion(s.path, v, SchemaVersion()); err != nil {
-		return err
-	}
-	if v >= m.version {
-		return nil // applied meanwhile by another process
-	}
-	if v != m.version-1 {
-		return station.Errorf(op, station.KindInternal, "database is at schema version %d, want %d", v, m.version-1)
-	}
-	if _, err := tx.ExecContext(ctx, m.sql); err != nil {
-		return translate(op, err)
-	}
-	// PRAGMA takes no parameters; m.version is an int of ours.
-	if _, err := tx.ExecContext(ctx, fmt.Sprintf("PRAGMA user_version = %d", m.version)); err != nil {
-		return translate(op, err)
-	}
-	return translate(op, tx.Commit())
-}
 
 // AbortStale marks every run still "running" as failed with reason (Kind
 // Unavailable) and the current time as its end, and returns how many it
@@ -333,7 +157,7 @@ func (s *Store) Backup(ctx context.Context, dstPath string) (err error) {
 // does not block the writer; stepping page by page would restart whenever
 // the station wrote meanwhile.
 func (s *Store) backupTo(ctx context.Context, path string) error {
-	dstDB, err := sql.Open("sqlite3", dsn(path, nil))
+	dstDB, err := sql.Open("sqlite3", sqlitedb.DSN(path, nil))
 	if err != nil {
 		return err
 	}
