@@ -305,14 +305,20 @@ func (s *Server) Addr() string {
 // IDScope returns the service's ID scope.
 func (s *Server) IDScope() string { return s.idScope }
 
-// hostName is the service host name of connection strings and tokens: the
-// listener's address, without the port when it is HTTPS's 443, since the
-// Azure SDKs' service clients take HostName as a host name and always
-// connect to 443 (Node's resolves "127.0.0.1:443" as a name and fails).
+// hostName is the service host name of connection strings and tokens:
+// Config.HostName, else the endpoint.
 func (s *Server) hostName() string {
 	if s.cfg.HostName != "" {
 		return s.cfg.HostName
 	}
+	return s.Endpoint()
+}
+
+// Endpoint is the DPS's global endpoint as clients name it: the listener's
+// address, without the port when it is HTTPS's 443, since the Azure SDKs'
+// DPS transports and service clients take it as a host name and always
+// connect to 443 (Node resolves "127.0.0.1:443" as a name and fails).
+func (s *Server) Endpoint() string {
 	a := s.Addr()
 	if host, port, err := net.SplitHostPort(a); err == nil && port == "443" {
 		return host

@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"fmt"
-	"net"
 	"path/filepath"
 	"time"
 )
@@ -38,7 +37,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	}
 	defer d.Close()
 	info := serveInfo{
-		GlobalEndpoint:    endpoint(d.dps.Addr()),
+		GlobalEndpoint:    d.dps.Endpoint(),
 		IDScope:           d.dps.IDScope(),
 		ServiceConnection: d.dps.ServiceConnectionString(),
 		Hub:               d.hub.Addr(),
@@ -74,14 +73,4 @@ type serveInfo struct {
 	Hub               string `json:"hub"`
 	MQTT              string `json:"mqtt,omitempty"` // the DPS device API over MQTT with TLS (host:port)
 	TrustBundle       string `json:"trust_bundle"`
-}
-
-// endpoint is how clients name an HTTPS address: without the port when it
-// is 443, which is what the Azure SDKs' DPS transports expect (they always
-// connect to 443 and take the endpoint as a host name).
-func endpoint(addr string) string {
-	if host, port, err := net.SplitHostPort(addr); err == nil && port == "443" {
-		return host
-	}
-	return addr
 }

@@ -68,7 +68,7 @@ func startEndToEnd(ctx context.Context, e *env, c *config) (*station.EndToEnd, *
 		Observer: check,
 		Verify: station.DeviceConfig{
 			IDScope:        d.dps.IDScope(),
-			GlobalEndpoint: d.dps.Addr(),
+			GlobalEndpoint: d.dps.Endpoint(),
 			TrustBundle:    string(d.caPEM),
 		},
 		Production: c.Production,
