@@ -221,7 +221,7 @@ type devserverView struct {
 
 func (v *devserverView) Status(ctx context.Context) (ui.DevserverStatus, error) {
 	st := ui.DevserverStatus{
-		GlobalEndpoint:   v.d.dps.Addr(),
+		GlobalEndpoint:   v.d.dps.Endpoint(),
 		ServiceEndpoint:  "https://" + v.d.dps.Addr(),
 		IDScope:          v.d.dps.IDScope(),
 		ConnectionString: v.d.dps.ServiceConnectionString(),
