@@ -60,12 +60,17 @@ type EndToEnd struct {
 	// Production, when set, is written to the DUT after the check and read
 	// back, so that the unit ships pointing at the production DPS.
 	Production *DeviceConfig
+	// X509Group is the ID of the X.509 enrollment group the X.509 method's
+	// units register through; empty means "kiln-x509".
+	X509Group string
 	// Timeout bounds the DUT's registration and the hub check; 0 means 2 minutes.
 	Timeout time.Duration
 }
 
-// endToEnd runs the check for the unit of run r with endorsement e.
-func (w *runner) endToEnd(x *EndToEnd, e *Endorsement) error {
+// endToEnd runs the check for the unit of run r; enroll makes the DPS
+// expect the unit (an individual enrollment or its group) and returns the
+// step's detail.
+func (w *runner) endToEnd(x *EndToEnd, enroll func() (string, error)) error {
 	p, r, ctx := w.p, w.r, w.ctx
 	pl, ok := w.link.(ProvisioningLink)
 	if !ok {
@@ -77,16 +82,14 @@ func (w *runner) endToEnd(x *EndToEnd, e *Endorsement) error {
 		timeout = 2 * time.Minute
 	}
 	if err := w.step(StepEnroll, func() (string, error, error) {
-		if err := x.Enroller.EnrollTPM(ctx, r.RegistrationID, e.EKPublic); err != nil {
-			return "", nil, err
-		}
-		return "individual TPM enrollment " + r.RegistrationID, nil, nil
+		detail, err := enroll()
+		return detail, nil, err
 	}); err != nil {
 		return err
 	}
 	if err := w.step(StepConfigure, func() (string, error, error) {
 		cfg := x.Verify
-		cfg.RegistrationID = r.RegistrationID
+		cfg.RegistrationID, cfg.Method = r.RegistrationID, methodOnDevice(r.Method)
 		if err := pl.WriteConfig(ctx, cfg); err != nil {
 			return "", nil, err
 		}
@@ -143,7 +146,7 @@ func (w *runner) endToEnd(x *EndToEnd, e *Endorsement) error {
 	}
 	return w.step(StepProduction, func() (string, error, error) {
 		cfg := *x.Production
-		cfg.RegistrationID = r.RegistrationID
+		cfg.RegistrationID, cfg.Method = r.RegistrationID, methodOnDevice(r.Method)
 		if err := pl.WriteConfig(ctx, cfg); err != nil {
 			return "", nil, err
 		}
@@ -156,4 +159,13 @@ func (w *runner) endToEnd(x *EndToEnd, e *Endorsement) error {
 		}
 		return fmt.Sprintf("ID scope %s, endpoint %s (read back)", cfg.IDScope, cfg.GlobalEndpoint), nil, nil
 	})
+}
+
+// methodOnDevice is the attestation method written into a DUT's config: the
+// TPM method stays empty, which agents that predate the field read as tpm.
+func methodOnDevice(m Method) Method {
+	if m == MethodTPM {
+		return ""
+	}
+	return m
 }

@@ -27,6 +27,12 @@ type Provisioner struct {
 	Logger        *slog.Logger     // defaults to slog.Default()
 	// EndToEnd, when set, proves each unit against a DPS before it passes.
 	EndToEnd *EndToEnd
+	// Issuer is the station CA that signs device certificates under the
+	// X.509 method; required by it.
+	Issuer Issuer
+	// SymKey is the group the symmetric-key method derives device keys
+	// from; required by it.
+	SymKey *SymKeyGroup
 	// Batches, when set, puts each passing unit into the open batch (opening
 	// one named by the date when none is open) in the record step.
 	Batches BatchStore
@@ -54,10 +60,46 @@ type StepEvent struct {
 
 // Steps lists the steps a run goes through under this provisioner.
 func (p *Provisioner) Steps() []string {
-	if p.EndToEnd != nil {
-		return EndToEndSteps
+	steps, err := stepsFor(p.profile().Method, p.EndToEnd != nil)
+	if err != nil {
+		return nil
 	}
-	return TPMSteps
+	return steps
+}
+
+func (p *Provisioner) profile() Profile {
+	prof := p.Profile
+	if prof.Method == "" {
+		def := DefaultProfile()
+		prof.Method = def.Method
+		if prof.Station == "" {
+			prof.Station = def.Station
+		}
+		if prof.RegID == "" {
+			prof.RegID = def.RegID
+		}
+		if prof.EKCertPolicy == "" {
+			prof.EKCertPolicy = def.EKCertPolicy
+		}
+	}
+	return prof
+}
+
+// checkMethod says whether the provisioner has what its method needs.
+func (p *Provisioner) checkMethod(m Method) error {
+	const op = "provision"
+	if _, err := stepsFor(m, false); err != nil {
+		return err
+	}
+	switch {
+	case m == MethodX509 && p.Issuer == nil:
+		return Errorf(op, KindInvalid, "the X.509 method needs the station CA, and none is configured: run kiln ca init (or kiln ca use-remote)")
+	case m == MethodSymKey && (p.SymKey == nil || len(p.SymKey.Key) < 16):
+		return Errorf(op, KindInvalid, "the symmetric-key method needs the station's enrollment group key, and none is configured: check the data directory")
+	case m == MethodTPM && p.Endorser == nil:
+		return Errorf(op, KindInvalid, "the TPM method needs a TPM endorser: a station wiring error")
+	}
+	return nil
 }
 
 // Provision provisions the unit on req.Port and returns its run. The run is
@@ -74,12 +116,9 @@ func (p *Provisioner) Provision(ctx context.Context, req Request) (*Run, error) 
 		log = slog.Default()
 	}
 	log = log.With("component", "provisioner", "port", req.Port)
-	prof := p.Profile
-	if prof.Method == "" {
-		prof = DefaultProfile()
-	}
-	if prof.Method != MethodTPM {
-		return nil, Errorf("provision", KindInvalid, "method %q is not available on this station yet: set the profile's method to tpm", prof.Method)
+	prof := p.profile()
+	if err := p.checkMethod(prof.Method); err != nil {
+		return nil, err
 	}
 
 	r := &Run{
@@ -228,14 +267,38 @@ func (w *runner) steps(prof Profile) error {
 		case info.Serial != "" && !strings.EqualFold(info.Serial, r.Serial):
 			return detail, nil, Errorf("identify", KindConflict, "scanned serial %s, but the DUT on %s reports %s: check that the scanned unit is the one on this port", r.Serial, r.Port, info.Serial)
 		}
-		if !info.Has("tpm") {
-			return detail, nil, Errorf("identify", KindInvalid, "the DUT %s reports no TPM, so the TPM method cannot provision it: check the unit's variant or the station profile", r.Serial)
+		if c, what := methodCapability(prof.Method); !info.Has(c) {
+			return detail, nil, Errorf("identify", KindInvalid, "the DUT %s reports no %s, so the %s method cannot provision it: check the unit's variant or the station profile", r.Serial, what, prof.Method)
 		}
 		return detail, nil, nil
 	}); err != nil {
 		return err
 	}
 
+	switch prof.Method {
+	case MethodX509:
+		return w.x509Steps(prof)
+	case MethodSymKey:
+		return w.symKeySteps(prof)
+	}
+	return w.tpmSteps(prof)
+}
+
+// methodCapability returns the DUT capability method m needs, and its name
+// for a person.
+func methodCapability(m Method) (string, string) {
+	switch m {
+	case MethodX509:
+		return CapKeyGen, "key generation"
+	case MethodSymKey:
+		return CapSymKey, "symmetric-key storage"
+	}
+	return CapTPM, "TPM"
+}
+
+// tpmSteps runs the TPM method's steps after identify.
+func (w *runner) tpmSteps(prof Profile) error {
+	p, r, ctx := w.p, w.r, w.ctx
 	var e *Endorsement
 	if err := w.step(StepReadEK, func() (string, error, error) {
 		var err error
@@ -309,29 +372,34 @@ func (w *runner) steps(prof Profile) error {
 		return err
 	}
 
-	if p.EndToEnd != nil {
-		if err := w.endToEnd(p.EndToEnd, e); err != nil {
+	if x := p.EndToEnd; x != nil {
+		if err := w.endToEnd(x, func() (string, error) {
+			if err := x.Enroller.EnrollTPM(ctx, r.RegistrationID, e.EKPublic); err != nil {
+				return "", err
+			}
+			return "individual TPM enrollment " + r.RegistrationID, nil
+		}); err != nil {
 			return err
 		}
 	}
 
+	return w.recordUnit(&Unit{
+		EKHash:    r.EKHash,
+		EKPublic:  e.EKPublic,
+		EKKeyDER:  e.EKKeyDER,
+		SRKPublic: e.SRKPublic,
+		EKCert:    e.EKCert,
+	})
+}
+
+// recordUnit fills u from the run, records it and puts it into the open
+// batch: the record step of every method.
+func (w *runner) recordUnit(u *Unit) error {
+	p, r, ctx := w.p, w.r, w.ctx
 	return w.step(StepRecord, func() (string, error, error) {
-		u := &Unit{
-			Serial:         r.Serial,
-			RegistrationID: r.RegistrationID,
-			Method:         r.Method,
-			Model:          r.Model,
-			Firmware:       r.Firmware,
-			EKHash:         r.EKHash,
-			EKPublic:       e.EKPublic,
-			EKKeyDER:       e.EKKeyDER,
-			SRKPublic:      e.SRKPublic,
-			EKCert:         e.EKCert,
-			RunID:          r.ID,
-			Station:        r.Station,
-			Operator:       r.Operator,
-			Created:        w.now().UTC(),
-		}
+		u.Serial, u.RegistrationID, u.Method = r.Serial, r.RegistrationID, r.Method
+		u.Model, u.Firmware = r.Model, r.Firmware
+		u.RunID, u.Station, u.Operator, u.Created = r.ID, r.Station, r.Operator, w.now().UTC()
 		if err := p.Store.RecordUnit(ctx, u); err != nil {
 			return "", nil, err
 		}

@@ -12,7 +12,7 @@ import (
 // Method is how a unit gets its identity.
 type Method string
 
-// The provisioning methods. Only MethodTPM is implemented so far.
+// The provisioning methods.
 const (
 	MethodTPM    Method = "tpm"    // enrolled by the TPM endorsement key
 	MethodX509   Method = "x509"   // an X.509 leaf issued by the station CA
@@ -80,6 +80,9 @@ type Profile struct {
 	Method       Method
 	RegID        RegIDRule
 	EKCertPolicy EKCertPolicy
+	// KeyType is the key type the X.509 method asks DUTs for, in the
+	// station CA's names ("EC-P256", "RSA-2048"); empty means EC-P256.
+	KeyType string
 }
 
 // DefaultProfile is the profile used when none is configured.
@@ -226,20 +229,32 @@ func (r *Run) Duration() time.Duration {
 // Unit is a provisioned unit: the identity recorded for a unit that passed.
 // Serial and EK hash are unique across units.
 type Unit struct {
-	Serial         string    `json:"serial"`
-	RegistrationID string    `json:"registration_id"`
-	Method         Method    `json:"method"`
-	Model          string    `json:"model,omitempty"`
-	Firmware       string    `json:"firmware,omitempty"`
-	EKHash         string    `json:"ek_hash,omitempty"`
-	EKPublic       []byte    `json:"ek_public,omitempty"` // TPM2B_PUBLIC
-	EKKeyDER       []byte    `json:"ek_key,omitempty"`    // PKIX DER
-	SRKPublic      []byte    `json:"srk_public,omitempty"`
-	EKCert         []byte    `json:"ek_cert,omitempty"` // DER
-	RunID          int64     `json:"run_id"`
-	Station        string    `json:"station"`
-	Operator       string    `json:"operator"`
-	Created        time.Time `json:"created"`
+	Serial         string `json:"serial"`
+	RegistrationID string `json:"registration_id"`
+	Method         Method `json:"method"`
+	Model          string `json:"model,omitempty"`
+	Firmware       string `json:"firmware,omitempty"`
+	EKHash         string `json:"ek_hash,omitempty"`
+	EKPublic       []byte `json:"ek_public,omitempty"` // TPM2B_PUBLIC
+	EKKeyDER       []byte `json:"ek_key,omitempty"`    // PKIX DER
+	SRKPublic      []byte `json:"srk_public,omitempty"`
+	EKCert         []byte `json:"ek_cert,omitempty"` // DER
+	// The X.509 method: the leaf the station CA issued (DER), its serial
+	// (hex) and SHA-256 thumbprint (upper-case hex), and where the DUT keeps
+	// its key.
+	Certificate    []byte     `json:"certificate,omitempty"`
+	CertSerial     string     `json:"cert_serial,omitempty"`
+	CertThumbprint string     `json:"cert_thumbprint,omitempty"`
+	KeyStorage     KeyStorage `json:"key_storage,omitempty"`
+	// EnrollmentGroup is the DPS enrollment group of a symmetric-key unit.
+	EnrollmentGroup string `json:"enrollment_group,omitempty"`
+	// SymKeySHA256 is the hex SHA-256 of a symmetric-key unit's device key
+	// (the key itself is never recorded: it is derived from the group key).
+	SymKeySHA256 string    `json:"symkey_sha256,omitempty"`
+	RunID        int64     `json:"run_id"`
+	Station      string    `json:"station"`
+	Operator     string    `json:"operator"`
+	Created      time.Time `json:"created"`
 }
 
 // RunFilter selects runs. Zero fields select everything.

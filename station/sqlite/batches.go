@@ -209,10 +209,7 @@ func (s *Store) BatchUnits(ctx context.Context, id int64) ([]*station.Unit, erro
 	} else if err != nil {
 		return nil, translate(op, err)
 	}
-	// The columns of unitColumns, in its order.
-	rows, err := tx.QueryContext(ctx, `SELECT u.serial, u.registration_id, u.method, u.model,
-		u.firmware, COALESCE(u.ek_hash, ''), u.ek_public, u.ek_key, u.srk_public, u.ek_cert,
-		COALESCE(u.run_id, 0), u.station, u.operator, u.created
+	rows, err := tx.QueryContext(ctx, `SELECT `+unitColumns("u")+`
 		FROM batch_units b JOIN units u ON u.serial = b.serial
 		WHERE b.batch_id = ? ORDER BY b.rowid`, id)
 	if err != nil {
@@ -221,10 +218,8 @@ func (s *Store) BatchUnits(ctx context.Context, id int64) ([]*station.Unit, erro
 	defer rows.Close()
 	var us []*station.Unit
 	for rows.Next() {
-		u := new(station.Unit)
-		if err := rows.Scan(&u.Serial, &u.RegistrationID, &u.Method, &u.Model, &u.Firmware, &u.EKHash,
-			&u.EKPublic, &u.EKKeyDER, &u.SRKPublic, &u.EKCert, &u.RunID, &u.Station, &u.Operator,
-			timeScanner{&u.Created}); err != nil {
+		u, err := scanUnit(rows)
+		if err != nil {
 			return nil, translate(op, err)
 		}
 		us = append(us, u)

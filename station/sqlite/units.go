@@ -29,11 +29,13 @@ func (s *Store) RecordUnit(ctx context.Context, u *station.Unit) error {
 	}
 	_, err := s.write.ExecContext(ctx, `INSERT INTO units (
 		serial, registration_id, method, model, firmware, ek_hash, ek_public, ek_key,
-		srk_public, ek_cert, run_id, station, operator, created
-	) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
+		srk_public, ek_cert, run_id, station, operator, created,
+		certificate, cert_serial, cert_thumbprint, key_storage, enrollment_group, symkey_sha256
+	) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)`,
 		u.Serial, u.RegistrationID, u.Method, u.Model, u.Firmware, nullString(u.EKHash),
 		blob(u.EKPublic), blob(u.EKKeyDER), blob(u.SRKPublic), blob(u.EKCert),
-		nullID(u.RunID), u.Station, u.Operator, encTime(u.Created))
+		nullID(u.RunID), u.Station, u.Operator, encTime(u.Created),
+		blob(u.Certificate), u.CertSerial, nullString(u.CertThumbprint), u.KeyStorage, u.EnrollmentGroup, u.SymKeySHA256)
 	switch {
 	case err == nil:
 		return nil
@@ -55,6 +57,10 @@ func (s *Store) unitConflict(ctx context.Context, op string, u *station.Unit, er
 	var byEK *station.Unit
 	if u.EKHash != "" {
 		byEK, _ = s.UnitByEKHash(ctx, u.EKHash)
+	}
+	if strings.Contains(msg, "units.cert_thumbprint") {
+		return station.Errorf(op, station.KindConflict,
+			"the certificate with SHA-256 thumbprint %s is recorded already for another unit: a certificate belongs to one unit; provision unit %s again for a new one", u.CertThumbprint, u.Serial)
 	}
 	serialTaken := bySerial != nil || strings.Contains(msg, "units.serial")
 	ekTaken := byEK != nil || strings.Contains(msg, "units.ek_hash")
@@ -84,16 +90,31 @@ func (s *Store) unitConflict(ctx context.Context, op string, u *station.Unit, er
 	return station.E(op, station.KindConflict, err)
 }
 
-// unitColumns are the columns scanUnit reads, in order.
-const unitColumns = `serial, registration_id, method, model, firmware, COALESCE(ek_hash, ''),
-	ek_public, ek_key, srk_public, ek_cert, COALESCE(run_id, 0), station, operator, created`
+// unitColumns returns the columns scanUnit reads, in order, of the units
+// table named by alias ("" when unaliased).
+func unitColumns(alias string) string {
+	a := ""
+	if alias != "" {
+		a = alias + "."
+	}
+	return strings.NewReplacer("$.", a).Replace(`$.serial, $.registration_id, $.method, $.model, $.firmware,
+		COALESCE($.ek_hash, ''), $.ek_public, $.ek_key, $.srk_public, $.ek_cert, COALESCE($.run_id, 0),
+		$.station, $.operator, $.created, $.certificate, $.cert_serial, COALESCE($.cert_thumbprint, ''),
+		$.key_storage, $.enrollment_group, $.symkey_sha256`)
+}
+
+// scanUnit reads a row of unitColumns.
+func scanUnit(row interface{ Scan(...any) error }) (*station.Unit, error) {
+	u := new(station.Unit)
+	err := row.Scan(&u.Serial, &u.RegistrationID, &u.Method, &u.Model, &u.Firmware, &u.EKHash,
+		&u.EKPublic, &u.EKKeyDER, &u.SRKPublic, &u.EKCert, &u.RunID, &u.Station, &u.Operator,
+		timeScanner{&u.Created}, &u.Certificate, &u.CertSerial, &u.CertThumbprint,
+		&u.KeyStorage, &u.EnrollmentGroup, &u.SymKeySHA256)
+	return u, err
+}
 
 func (s *Store) unit(ctx context.Context, op, where, arg, what string) (*station.Unit, error) {
-	u := new(station.Unit)
-	err := s.read.QueryRowContext(ctx, `SELECT `+unitColumns+` FROM units WHERE `+where+` = ?`, arg).Scan(
-		&u.Serial, &u.RegistrationID, &u.Method, &u.Model, &u.Firmware, &u.EKHash,
-		&u.EKPublic, &u.EKKeyDER, &u.SRKPublic, &u.EKCert, &u.RunID, &u.Station, &u.Operator,
-		timeScanner{&u.Created})
+	u, err := scanUnit(s.read.QueryRowContext(ctx, `SELECT `+unitColumns("")+` FROM units WHERE `+where+` = ?`, arg))
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, station.Errorf(op, station.KindNotFound, "no unit with %s %s is recorded", what, arg)
 	}
