@@ -175,6 +175,16 @@ func (f *FileKeys) CreateKey(ctx context.Context, name string, t KeyType) (crypt
 }
 
 func (f *FileKeys) seal(name string, t KeyType, key crypto.Signer) error {
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return station.E("seal CA key", station.KindInvalid, err)
+	}
+	defer clear(der)
+	return f.sealBytes(name, string(KeyTypeOf(key.Public())), der)
+}
+
+// sealBytes writes plain, sealed under the passphrase, to name's file.
+func (f *FileKeys) sealBytes(name, keyType string, plain []byte) error {
 	const op = "seal CA key"
 	n := f.ScryptN
 	if n == 0 {
@@ -183,12 +193,7 @@ func (f *FileKeys) seal(name string, t KeyType, key crypto.Signer) error {
 	if n < 1<<10 || n&(n-1) != 0 {
 		return station.Errorf(op, station.KindInvalid, "scrypt cost %d must be a power of two of at least 1024", n)
 	}
-	der, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		return station.E(op, station.KindInvalid, err)
-	}
-	defer clear(der)
-	s := &sealedKey{Format: sealedFormat, KeyType: string(KeyTypeOf(key.Public())), KDF: "scrypt", N: n, R: 8, P: 1, Cipher: "AES-256-GCM"}
+	s := &sealedKey{Format: sealedFormat, KeyType: keyType, KDF: "scrypt", N: n, R: 8, P: 1, Cipher: "AES-256-GCM"}
 	s.Salt = make([]byte, 16)
 	rand.Read(s.Salt)
 	aead, err := s.aead(f.Passphrase)
@@ -197,7 +202,7 @@ func (f *FileKeys) seal(name string, t KeyType, key crypto.Signer) error {
 	}
 	s.Nonce = make([]byte, aead.NonceSize())
 	rand.Read(s.Nonce)
-	s.Ciphertext = aead.Seal(nil, s.Nonce, der, s.aad())
+	s.Ciphertext = aead.Seal(nil, s.Nonce, plain, s.aad())
 	b, err := json.MarshalIndent(s, "", "  ")
 	if err != nil {
 		return station.E(op, station.KindInternal, err)
@@ -230,6 +235,25 @@ func (s *sealedKey) aead(passphrase []byte) (cipher.AEAD, error) {
 // Signer implements KeyStore.
 func (f *FileKeys) Signer(ctx context.Context, name string) (crypto.Signer, error) {
 	const op = "unlock CA key"
+	der, err := f.unseal(name)
+	if err != nil {
+		return nil, err
+	}
+	defer clear(der)
+	key, err := x509.ParsePKCS8PrivateKey(der)
+	if err != nil {
+		return nil, station.Errorf(op, station.KindInvalid, "key in %s does not parse: %w", f.path(name), err)
+	}
+	signer, ok := key.(crypto.Signer)
+	if !ok {
+		return nil, station.Errorf(op, station.KindInvalid, "key in %s is a %T, not a signing key", f.path(name), key)
+	}
+	return signer, nil
+}
+
+// unseal returns the clear contents of name's file.
+func (f *FileKeys) unseal(name string) ([]byte, error) {
+	const op = "unlock CA key"
 	b, err := os.ReadFile(f.path(name))
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, station.Errorf(op, station.KindNotFound, "no key file %s", f.path(name))
@@ -251,16 +275,38 @@ func (f *FileKeys) Signer(ctx context.Context, name string) (crypto.Signer, erro
 	if err != nil {
 		return nil, station.Errorf(op, station.KindUnauthorized, "wrong passphrase for %s (or the file was altered): check the station CA passphrase", f.path(name))
 	}
-	defer clear(der)
-	key, err := x509.ParsePKCS8PrivateKey(der)
+	return der, nil
+}
+
+// secretKeyType marks a sealed file that holds a secret, not a signing key.
+const secretKeyType = "secret"
+
+// Secret returns the secret stored under name, sealed like the CA keys
+// (e.g. the symmetric-key enrollment group key), creating a random one of
+// size bytes when there is none. Kinds: Unauthorized (wrong passphrase),
+// Invalid (the file holds a signing key, or no passphrase is set).
+func (f *FileKeys) Secret(ctx context.Context, name string, size int) ([]byte, error) {
+	const op = "open station secret"
+	b, err := f.unseal(name)
+	if station.KindOf(err) == station.KindNotFound {
+		if len(f.Passphrase) == 0 {
+			return nil, station.Errorf(op, station.KindInvalid, "no passphrase: station secrets are always encrypted at rest, so give one")
+		}
+		b = make([]byte, size)
+		rand.Read(b)
+		if err := f.sealBytes(name, secretKeyType, b); err != nil {
+			return nil, err
+		}
+		return b, nil
+	}
 	if err != nil {
-		return nil, station.Errorf(op, station.KindInvalid, "key in %s does not parse: %w", f.path(name), err)
+		return nil, err
 	}
-	signer, ok := key.(crypto.Signer)
-	if !ok {
-		return nil, station.Errorf(op, station.KindInvalid, "key in %s is a %T, not a signing key", f.path(name), key)
+	if _, perr := x509.ParsePKCS8PrivateKey(b); perr == nil {
+		clear(b)
+		return nil, station.Errorf(op, station.KindInvalid, "%s holds a signing key, not a secret: use another name", f.path(name))
 	}
-	return signer, nil
+	return b, nil
 }
 
 // writeFileAtomic writes b to a temporary file beside path and renames it
