@@ -34,6 +34,15 @@ type config struct {
 	// Production is the DPS the DUT is pointed at after the check; nil
 	// leaves the verification configuration on the DUT.
 	Production *station.DeviceConfig `json:"production,omitempty"`
+	// DeviceKeyType is the key type the X.509 method asks DUTs for
+	// ("EC-P256" when empty, or "RSA-2048").
+	DeviceKeyType string `json:"device_key_type,omitempty"`
+	// CA is the station's signing CA (the X.509 method).
+	CA caConfig `json:"ca,omitzero"`
+	// SymKeyGroup and X509Group name the enrollment groups of the
+	// symmetric-key and X.509 methods ("kiln-symkey", "kiln-x509" when empty).
+	SymKeyGroup string `json:"symkey_group,omitempty"`
+	X509Group   string `json:"x509_group,omitempty"`
 }
 
 const configFile = "station.json"
@@ -78,6 +87,14 @@ func loadConfig(e *env) (*config, error) {
 // profileFlags registers the flags that override the station profile.
 func (c *config) profileFlags(fs *flag.FlagSet) {
 	fs.StringVar(&c.Station, "station", c.Station, "station name written on every record")
+	fs.Func("method", "provisioning method: tpm (enrolled by the TPM's EK), x509 (a leaf from the station CA for a key made on the DUT) or symkey (a key derived from the group key) (default "+string(c.Method)+")", func(s string) error {
+		switch m := station.Method(s); m {
+		case station.MethodTPM, station.MethodX509, station.MethodSymKey:
+			c.Method = m
+			return nil
+		}
+		return fmt.Errorf("%q is not tpm, x509 or symkey", s)
+	})
 	fs.Func("ek-cert-policy", "EK certificate policy: require, warn or off (default "+string(c.EKCertPolicy)+")", func(s string) error {
 		switch p := station.EKCertPolicy(s); p {
 		case station.EKCertRequire, station.EKCertWarn, station.EKCertOff:
@@ -106,7 +123,7 @@ func (c *config) profileFlags(fs *flag.FlagSet) {
 }
 
 func (c *config) profile() station.Profile {
-	return station.Profile{Station: c.Station, Method: c.Method, RegID: c.RegID, EKCertPolicy: c.EKCertPolicy}
+	return station.Profile{Station: c.Station, Method: c.Method, RegID: c.RegID, EKCertPolicy: c.EKCertPolicy, KeyType: c.DeviceKeyType}
 }
 
 func (c *config) serialPattern() (*regexp.Regexp, error) {

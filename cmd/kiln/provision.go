@@ -66,7 +66,7 @@ func runProvision(ctx context.Context, e *env, args []string) error {
 	return nil
 }
 
-// newProvisioner wires the TPM-method provisioner of a data directory.
+// newProvisioner wires the provisioner of a data directory for its method.
 func newProvisioner(ctx context.Context, e *env, c *config) (*station.Provisioner, func(), error) {
 	pattern, err := c.serialPattern()
 	if err != nil {
@@ -92,6 +92,26 @@ func newProvisioner(ctx context.Context, e *env, c *config) (*station.Provisione
 		closeAll = func() { stop(); store.Close() }
 	}
 	log := e.logger()
+	var issuer station.Issuer
+	var symKey *station.SymKeyGroup
+	switch c.Method {
+	case station.MethodX509:
+		var closeCA func()
+		if issuer, closeCA, err = openIssuer(ctx, e, c); err != nil {
+			closeAll()
+			return nil, nil, err
+		}
+		prev := closeAll
+		closeAll = func() { closeCA(); prev() }
+	case station.MethodSymKey:
+		if symKey, err = openSymKeyGroup(ctx, e, c); err != nil {
+			closeAll()
+			return nil, nil, err
+		}
+	}
+	if x != nil {
+		x.X509Group = c.X509Group
+	}
 	p := &station.Provisioner{
 		Store: store,
 		Dial: func(ctx context.Context, port string) (station.Link, error) {
@@ -104,6 +124,8 @@ func newProvisioner(ctx context.Context, e *env, c *config) (*station.Provisione
 		Logger:        log,
 		EndToEnd:      x,
 		Batches:       store,
+		Issuer:        issuer,
+		SymKey:        symKey,
 	}
 	return p, closeAll, nil
 }

@@ -1,8 +1,11 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"encoding/pem"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/kilnworks/kiln/devserver"
@@ -19,12 +22,56 @@ type dpsCheck struct {
 }
 
 var (
-	_ station.Enroller = (*dpsCheck)(nil)
-	_ station.Observer = (*dpsCheck)(nil)
+	_ station.Enroller      = (*dpsCheck)(nil)
+	_ station.GroupEnroller = (*dpsCheck)(nil)
+	_ station.Observer      = (*dpsCheck)(nil)
 )
 
 func (d *dpsCheck) EnrollTPM(ctx context.Context, regID string, ekPublic []byte) error {
 	_, err := d.svc.PutEnrollment(ctx, dps.NewTPMEnrollment(regID, ekPublic), "")
+	return err
+}
+
+// EnsureX509Group creates the X.509 enrollment group, or updates it when
+// its signing certificate or status is not what the station needs (a CA
+// renewed or imported under a customer's root).
+func (d *dpsCheck) EnsureX509Group(ctx context.Context, groupID string, signingCert []byte) error {
+	pemCert := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: signingCert}))
+	want := dps.AttestationMechanism{Type: dps.AttestationX509, X509: &dps.X509Attestation{
+		SigningCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: pemCert}}}}
+	return d.ensureGroup(ctx, groupID, want, func(g *dps.EnrollmentGroup) bool {
+		x := g.Attestation.X509
+		if x == nil || x.SigningCertificates == nil || x.SigningCertificates.Primary == nil {
+			return false
+		}
+		b, _ := pem.Decode([]byte(x.SigningCertificates.Primary.Certificate))
+		return b != nil && bytes.Equal(b.Bytes, signingCert)
+	})
+}
+
+// EnsureSymKeyGroup creates the symmetric-key enrollment group, or updates
+// it when its key or status is not the station's.
+func (d *dpsCheck) EnsureSymKeyGroup(ctx context.Context, g *station.SymKeyGroup) error {
+	key := dps.EncodeKey(g.Key)
+	want := dps.AttestationMechanism{Type: dps.AttestationSymmetricKey, SymmetricKey: &dps.SymmetricKeyAttestation{PrimaryKey: key, SecondaryKey: key}}
+	return d.ensureGroup(ctx, g.ID, want, func(got *dps.EnrollmentGroup) bool {
+		sk := got.Attestation.SymmetricKey
+		return sk != nil && sk.PrimaryKey == key
+	})
+}
+
+func (d *dpsCheck) ensureGroup(ctx context.Context, groupID string, want dps.AttestationMechanism, same func(*dps.EnrollmentGroup) bool) error {
+	g, err := d.svc.GetEnrollmentGroup(ctx, groupID)
+	etag := ""
+	switch {
+	case err == nil && strings.EqualFold(g.Attestation.Type, want.Type) && same(g) && g.ProvisioningStatus != dps.ProvisioningDisabled:
+		return nil
+	case err == nil:
+		etag = g.ETag
+	case station.KindOf(err) != station.KindNotFound:
+		return err
+	}
+	_, err = d.svc.PutEnrollmentGroup(ctx, &dps.EnrollmentGroup{EnrollmentGroupID: groupID, Attestation: want, ProvisioningStatus: dps.ProvisioningEnabled}, etag)
 	return err
 }
 
