@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/hex"
 	"encoding/json"
 	"fmt"
@@ -162,9 +163,24 @@ func recordsShow(ctx context.Context, e *env, args []string) error {
 	}
 	if unit != nil {
 		fmt.Fprintf(w, "  unit       recorded %s\n", unit.Created.Local().Format(time.RFC3339))
-		fmt.Fprintf(w, "  EK public  %s\n", clip(hex.EncodeToString(unit.EKPublic), 64))
+		if len(unit.EKPublic) > 0 {
+			fmt.Fprintf(w, "  EK public  %s\n", clip(hex.EncodeToString(unit.EKPublic), 64))
+		}
 		if len(unit.EKCert) > 0 {
 			fmt.Fprintf(w, "  EK cert    %d bytes DER\n", len(unit.EKCert))
+		}
+		if len(unit.Certificate) > 0 {
+			subject := "(does not parse)"
+			if c, err := x509.ParseCertificate(unit.Certificate); err == nil {
+				subject = fmt.Sprintf("%s, issued by %s, valid to %s", c.Subject, c.Issuer, c.NotAfter.Format(time.DateOnly))
+			}
+			fmt.Fprintf(w, "  cert       %s\n  serial     %s\n  thumbprint %s (SHA-256)\n  key        in %s storage\n", subject, unit.CertSerial, unit.CertThumbprint, unit.KeyStorage)
+		}
+		if unit.EnrollmentGroup != "" {
+			fmt.Fprintf(w, "  group      %s\n", unit.EnrollmentGroup)
+		}
+		if unit.SymKeySHA256 != "" {
+			fmt.Fprintf(w, "  key sha256 %s\n", unit.SymKeySHA256)
 		}
 	}
 	return nil
