@@ -8,150 +8,42 @@
 package pki_test
 
 import (
-	"crypto/ecdsa"
-	"crypto/tls"
-	"crypto/x509"
-	"encoding/json"
-	"encoding/pem"
-	"net"
-	"net/http"
-	"os"
-	"os/exec"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
-	"go.step.sm/crypto/jose"
-
+	"github.com/kilnworks/kiln/fixtures"
 	"github.com/kilnworks/kiln/pki"
 	"github.com/kilnworks/kiln/station"
 )
 
-// stepCA returns the path of a step-ca binary built from the module version
-// in go.mod, building it on first use.
-func stepCA(t *testing.T) string {
-	t.Helper()
-	out, err := exec.Command("go", "list", "-m", "-f", "{{.Version}}", "github.com/smallstep/certificates").Output()
-	if err != nil {
-		t.Fatalf("go list -m github.com/smallstep/certificates: %v", err)
-	}
-	version := strings.TrimSpace(string(out))
-	cache, err := os.UserCacheDir()
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(cache, "kiln-test", "step-ca-"+version)
-	if _, err := os.Stat(bin); err == nil {
-		return bin
-	}
-	t.Logf("building step-ca %s into %s (slow the first time)", version, bin)
-	gobin := t.TempDir()
-	// go install pkg@version builds with step-ca's own go.mod, outside
-	// Kiln's module graph, so Kiln's go.sum needs none of step-ca's server
-	// dependencies.
-	cmd := exec.Command("go", "install", "-tags", "nopkcs11,noyubikey", "github.com/smallstep/certificates/cmd/step-ca@"+version)
-	cmd.Dir = gobin
-	cmd.Env = append(os.Environ(), "GOBIN="+gobin, "GOFLAGS=")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build step-ca: %v\n%s", err, out)
-	}
-	os.MkdirAll(filepath.Dir(bin), 0o755)
-	if err := os.Rename(filepath.Join(gobin, "step-ca"), bin); err != nil {
-		t.Fatal(err)
-	}
-	return bin
-}
-
-func freePort(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
-
 func TestRemoteStepCA(t *testing.T) {
-	bin := stepCA(t)
+	bin, err := fixtures.StepCABinary(t.Context(), ".")
+	if err != nil {
+		t.Fatal(err)
+	}
 
-	// The factory CA's root and intermediate, made with pki itself, and its
-	// intermediate key written in clear for step-ca (test material only).
+	// The factory CA's root and intermediate, made with pki itself.
 	dir := t.TempDir()
 	factory := newCA(t, pki.Config{Dir: filepath.Join(dir, "factory"), Name: "Factory"})
 	interKey, err := fastKeys(filepath.Join(dir, "factory")).Signer(t.Context(), pki.IntermediateKey)
 	if err != nil {
 		t.Fatal(err)
 	}
-	der, _ := x509.MarshalECPrivateKey(interKey.(*ecdsa.PrivateKey))
-	write := func(name string, typ string, b []byte) {
-		os.WriteFile(filepath.Join(dir, name), pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: b}), 0o600)
-	}
-	write("root.crt", "CERTIFICATE", factory.Root().Raw)
-	write("intermediate.crt", "CERTIFICATE", factory.Intermediate().Raw)
-	write("intermediate.key", "EC PRIVATE KEY", der)
-
-	// A JWK provisioner whose key the CA serves encrypted under password.
 	const password = "provisioner password"
-	jwk, err := jose.GenerateJWK("EC", "P-256", "ES256", "sig", "", 0)
+	ca, err := fixtures.StartStepCA(t.Context(), fixtures.StepCAConfig{Binary: bin, Dir: dir,
+		Root: factory.Root(), Intermediate: factory.Intermediate(), IntermediateKey: interKey,
+		Provisioner: "kiln-station", Password: password, LeafTemplate: pki.DefaultLeafTemplate})
 	if err != nil {
-		t.Fatal(err)
-	}
-	enc, err := jose.EncryptJWK(jwk, []byte(password))
-	if err != nil {
-		t.Fatal(err)
-	}
-	encKey, err := enc.CompactSerialize()
-	if err != nil {
-		t.Fatal(err)
-	}
-	pub := jwk.Public()
-	addr := freePort(t)
-	cfg := map[string]any{
-		"root": filepath.Join(dir, "root.crt"), "crt": filepath.Join(dir, "intermediate.crt"), "key": filepath.Join(dir, "intermediate.key"),
-		"address": addr, "dnsNames": []string{"127.0.0.1", "localhost"},
-		"logger": map[string]any{"format": "text"},
-		"authority": map[string]any{
-			"provisioners": []any{map[string]any{
-				"type": "JWK", "name": "kiln-station", "key": &pub, "encryptedKey": encKey,
-				"claims":  map[string]any{"maxTLSCertDuration": "87600h", "defaultTLSCertDuration": "24h"},
-				"options": map[string]any{"x509": map[string]any{"template": pki.DefaultLeafTemplate}},
-			}},
-		},
-		"tls": map[string]any{"minVersion": 1.2, "maxVersion": 1.3},
-	}
-	b, _ := json.MarshalIndent(cfg, "", "  ")
-	os.WriteFile(filepath.Join(dir, "ca.json"), b, 0o600)
-
-	cmd := exec.Command(bin, filepath.Join(dir, "ca.json"))
-	logf, _ := os.Create(filepath.Join(dir, "step-ca.log"))
-	cmd.Stdout, cmd.Stderr = logf, logf
-	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
-		cmd.Process.Kill()
-		cmd.Wait()
 		if t.Failed() {
-			out, _ := os.ReadFile(filepath.Join(dir, "step-ca.log"))
-			t.Logf("step-ca log:\n%s", out)
+			t.Logf("step-ca log:\n%s", ca.Log())
 		}
+		ca.Close()
 	})
-	url := "https://" + addr
-	roots := x509.NewCertPool()
-	roots.AddCert(factory.Root())
-	hc := &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}, Timeout: time.Second}
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-		resp, err := hc.Get(url + "/health")
-		if err == nil {
-			resp.Body.Close()
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("step-ca did not answer on %s: %v", url, err)
-		}
-	}
+	url := ca.URL
 
 	log, err := pki.OpenFileLog(filepath.Join(t.TempDir(), "issuance.jsonl"))
 	if err != nil {
