@@ -2,6 +2,7 @@ package station
 
 import (
 	"context"
+	"crypto"
 	"crypto/hmac"
 	"crypto/sha1"
 	"crypto/sha256"
@@ -122,8 +123,8 @@ func checkChain(wrote, read [][]byte, csrDER []byte) error {
 	if err != nil {
 		return Errorf(op, KindInvalid, "the DUT's CSR does not parse: %v", err)
 	}
-	lk, ok1 := leaf.PublicKey.(interface{ Equal(any) bool })
-	if !ok1 || !lk.Equal(csr.PublicKey) {
+	lk, ok := leaf.PublicKey.(interface{ Equal(crypto.PublicKey) bool })
+	if !ok || !lk.Equal(csr.PublicKey) {
 		return Errorf(op, KindConflict, "the leaf on the DUT is not for the key the DUT generated: provision the unit again")
 	}
 	return nil
