@@ -143,3 +143,33 @@ func TestSigningKeyErrors(t *testing.T) {
 		t.Errorf("MD5: %v, want Invalid", err)
 	}
 }
+
+func TestSealUnseal(t *testing.T) {
+	sim := openSim(t)
+	tpm := hsm.New(sim)
+	secret := bytes.Repeat([]byte{0, 0xff, 7}, 11)
+	blob, err := tpm.Seal(t.Context(), secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if bytes.Contains(blob.Private, secret[:8]) || bytes.Contains(blob.Public, secret[:8]) {
+		t.Error("the sealed blob holds the data in the clear")
+	}
+	got, err := tpm.Unseal(t.Context(), *blob)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, secret) {
+		t.Errorf("Unseal = %x, want %x", got, secret)
+	}
+	checkNoLeftovers(t, sim)
+	bad := hsm.KeyBlob{Public: blob.Public, Private: bytes.Clone(blob.Private)}
+	bad.Private[len(bad.Private)-3] ^= 0x40
+	if _, err := tpm.Unseal(t.Context(), bad); station.KindOf(err) != station.KindInvalid {
+		t.Errorf("Unseal of an altered blob: %v, want Invalid", err)
+	}
+	checkNoLeftovers(t, sim)
+	if _, err := tpm.Seal(t.Context(), make([]byte, hsm.MaxSealed+1)); station.KindOf(err) != station.KindInvalid {
+		t.Errorf("sealing %d bytes: %v, want Invalid", hsm.MaxSealed+1, err)
+	}
+}
