@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -262,7 +263,11 @@ func TestIdentityDecoders(t *testing.T) {
 		}()},
 		{"generated key: no CSR", func() error { _, err := link.DecodeGeneratedKey([]byte{0x01, 0, 3, 't', 'p', 'm'}); return err }()},
 		{"generated key: truncated", func() error { _, err := link.DecodeGeneratedKey([]byte{0x01, 0}); return err }()},
-		{"chain: too long", func() error { _, err := link.DecodeCertChain(link.EncodeCertChain(make([][]byte, 9))); return err }()},
+		{"chain: empty certificate", func() error { _, err := link.DecodeCertChain(link.EncodeCertChain([][]byte{{}})); return err }()},
+		{"chain: too long", func() error {
+			_, err := link.DecodeCertChain(link.EncodeCertChain(slices.Repeat([][]byte{{0x30, 0}}, 9)))
+			return err
+		}()},
 		{"symkey: too long", func() error {
 			_, _, err := link.DecodeSymmetricKey(link.EncodeSymmetricKey("r", make([]byte, 65)))
 			return err
