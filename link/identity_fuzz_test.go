@@ -65,9 +65,6 @@ func FuzzDecodeSymmetricKey(f *testing.F) {
 	f.Fuzz(func(t *testing.T, b []byte) {
 		reg, key, err := link.DecodeSymmetricKey(b)
 		if err != nil {
-			if len(b) >= 24 && bytes.Contains([]byte(err.Error()), b[len(b)-16:]) {
-				t.Fatalf("the error %q quotes payload bytes", err)
-			}
 			return
 		}
 		if len(key) < link.MinSymKey || len(key) > link.MaxSymKey || reg == "" {
