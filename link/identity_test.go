@@ -74,6 +74,13 @@ func (f *fakeIdentity) ReadIdentity(context.Context) (station.DeviceIdentity, er
 	return id, nil
 }
 
+// held returns the stored symmetric key and chain.
+func (f *fakeIdentity) held() ([]byte, [][]byte) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.sym, f.chain
+}
+
 // exerciseIdentity runs every identity command through c against f.
 func exerciseIdentity(t *testing.T, c *link.Client, f *fakeIdentity) {
 	t.Helper()
@@ -110,7 +117,7 @@ func exerciseIdentity(t *testing.T, c *link.Client, f *fakeIdentity) {
 	if diff := cmp.Diff(want, id); diff != "" {
 		t.Errorf("ReadIdentity (-want +got):\n%s", diff)
 	}
-	if !bytes.Equal(f.sym, key) {
+	if sym, _ := f.held(); !bytes.Equal(sym, key) {
 		t.Error("the agent did not receive the key as sent")
 	}
 }
@@ -185,7 +192,7 @@ func TestIdentityClientChecks(t *testing.T) {
 			t.Errorf("%s: kind %v (%v), want invalid", name, k, err)
 		}
 	}
-	if f.gens.Load() != 0 || f.sym != nil {
+	if sym, _ := f.held(); f.gens.Load() != 0 || sym != nil {
 		t.Error("a request the client refuses reached the agent")
 	}
 }
@@ -227,7 +234,7 @@ func TestIdentityAgentRefusesBadPayload(t *testing.T) {
 			t.Errorf("request %d: the error quotes the key bytes: %q", i, got.Payload)
 		}
 	}
-	if f.gens.Load() != 0 || f.sym != nil || f.chain != nil {
+	if sym, chain := f.held(); f.gens.Load() != 0 || sym != nil || chain != nil {
 		t.Error("a malformed request reached the handler")
 	}
 }
