@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/hex"
@@ -222,8 +223,16 @@ func (env *devEnv) provisionAndCheck(t *testing.T, ctx context.Context, c *link.
 // presenting the chain with the key it holds, and sends telemetry to the
 // hub over MQTT/TLS with the same client certificate.
 func TestProvisionX509EndToEnd(t *testing.T) {
-	for _, withTPM := range []bool{true, false} {
-		name := map[bool]string{true: "tpm", false: "software"}[withTPM]
+	for _, tc := range []struct {
+		name    string
+		withTPM bool
+		keyType string
+	}{
+		{"tpm", true, ""},
+		{"tpm-rsa", true, hsm.KeyRSA2048}, // TLS 1.3 signs RSA-PSS inside the TPM
+		{"software", false, ""},
+	} {
+		name, withTPM := tc.name, tc.withTPM
 		t.Run(name, func(t *testing.T) {
 			env := startDevserver(t)
 			ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
@@ -237,7 +246,7 @@ func TestProvisionX509EndToEnd(t *testing.T) {
 			serial := "SN-X509-" + name
 			c := startStation(t, ctx, serial, tr)
 			regID := "x509-" + name + "-1"
-			g, err := c.GenerateKey(ctx, station.KeyRequest{CommonName: regID})
+			g, err := c.GenerateKey(ctx, station.KeyRequest{CommonName: regID, Type: tc.keyType})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -250,6 +259,9 @@ func TestProvisionX509EndToEnd(t *testing.T) {
 				t.Fatal(err)
 			}
 			leaf := issue(t, inter, g.CSR)
+			if _, isRSA := leaf.PublicKey.(*rsa.PublicKey); isRSA != (tc.keyType == hsm.KeyRSA2048) {
+				t.Fatalf("asked for a %q key, got a %T", tc.keyType, leaf.PublicKey)
+			}
 			if err := c.WriteCertChain(ctx, [][]byte{leaf.Raw, inter.Cert.Raw}); err != nil {
 				t.Fatal(err)
 			}
@@ -297,14 +309,27 @@ func TestProvisionX509EndToEnd(t *testing.T) {
 }
 
 // TestProvisionSymKeyEndToEnd: the station writes an individual
-// enrollment's symmetric key to a DUT without a TPM, which registers with
-// it and sends telemetry to the hub with a SAS token signed by it.
+// enrollment's symmetric key to a DUT (without a TPM, and with one, which
+// keeps the key sealed at rest), which registers with it and sends
+// telemetry to the hub with a SAS token signed by it.
 func TestProvisionSymKeyEndToEnd(t *testing.T) {
+	for _, withTPM := range []bool{false, true} {
+		name := map[bool]string{true: "tpm", false: "no-tpm"}[withTPM]
+		t.Run(name, func(t *testing.T) {
+			var tpm transport.TPM
+			if withTPM {
+				tpm = openSimTPM(t)
+			}
+			provisionSymKey(t, "SN-SYM-"+name, "sym-e2e-"+name, tpm)
+		})
+	}
+}
+
+func provisionSymKey(t *testing.T, serial, regID string, tpm transport.TPM) {
 	env := startDevserver(t)
 	ctx, cancel := context.WithTimeout(t.Context(), 90*time.Second)
 	defer cancel()
-	const serial, regID = "SN-SYM-1", "sym-e2e-1"
-	c := startStation(t, ctx, serial, nil)
+	c := startStation(t, ctx, serial, tpm)
 	key := make([]byte, 32)
 	rand.Read(key)
 	svc, err := env.emb.ServiceClient()

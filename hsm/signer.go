@@ -116,9 +116,10 @@ func (t *TPM) CreateSigningKey(ctx context.Context, keyType string) (*KeyBlob, c
 // loads the key under the SRK, signs inside the TPM (TPM2_Sign) and
 // flushes it, holding the TPM for the whole sequence. ECDSA signatures are
 // ASN.1 DER, as crypto/ecdsa makes them; RSA signs PKCS #1 v1.5, or PSS
-// when opts is an *rsa.PSSOptions (the TPM chooses the salt length: the
-// hash length or the largest that fits; verify with
-// rsa.PSSSaltLengthAuto).
+// when opts is an *rsa.PSSOptions (the TPM chooses the salt length and
+// ignores opts.SaltLength: the reference TPM, and TPMs that follow FIPS
+// 186, use the hash length, which TLS 1.3 expects; older TPMs may use the
+// largest that fits, which rsa.PSSSaltLengthAuto verifies).
 type KeySigner struct {
 	t    *TPM
 	blob KeyBlob
