@@ -419,3 +419,65 @@ func (l lockedWriter) Write(p []byte) (int, error) {
 	defer l.mu.Unlock()
 	return l.w.Write(p)
 }
+
+// TestTPMPassthroughNeverInterleaves runs TPM passthrough commands while
+// the agent makes keys and signs with them: no passthrough command may land
+// between a TPM2_Load of the agent and its TPM2_FlushContext.
+func TestTPMPassthroughNeverInterleaves(t *testing.T) {
+	tpm := openSimTPM(t)
+	a, err := agent.New(agent.Config{TPM: tpm})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// TPM2_GetRandom of 8 bytes: tag TPM_ST_NO_SESSIONS, size 12.
+	getRandom := []byte{0x80, 0x01, 0, 0, 0, 12, 0, 0, 0x01, 0x7b, 0, 8}
+	ctx := t.Context()
+	done := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		for {
+			select {
+			case <-done:
+				return
+			default:
+			}
+			rsp, err := a.TPM(ctx, getRandom)
+			if err != nil || len(rsp) < 10 || binary.BigEndian.Uint32(rsp[6:10]) != 0 {
+				t.Errorf("passthrough GetRandom = % x, %v", rsp, err)
+				return
+			}
+		}
+	})
+	for i := range 3 {
+		if _, err := a.GenerateKey(ctx, station.KeyRequest{CommonName: "sn-il-1"}); err != nil {
+			t.Fatal(err)
+		}
+		if err := a.WriteSymmetricKey(ctx, "sn-il-1", bytes.Repeat([]byte{byte(i)}, 32)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	close(done)
+	wg.Wait()
+
+	tpm.mu.Lock()
+	defer tpm.mu.Unlock()
+	inside, loads, randoms := false, 0, 0
+	for _, cc := range tpm.codes {
+		switch cc {
+		case tpm2.TPMCCLoad:
+			inside = true
+			loads++
+		case tpm2.TPMCCFlushContext:
+			inside = false
+		case tpm2.TPMCCGetRandom:
+			randoms++
+			if inside {
+				t.Fatal("a passthrough command landed between the agent's TPM2_Load and TPM2_FlushContext")
+			}
+		}
+	}
+	if loads < 3 || randoms == 0 {
+		t.Errorf("%d loads and %d passthrough commands: the test did not exercise both", loads, randoms)
+	}
+	t.Logf("%d loads, %d passthrough commands interleaved safely", loads, randoms)
+}
