@@ -1,9 +1,12 @@
 // Package agent is the device-side agent of Kiln: it serves the DUT link on
 // the device's serial line, answers HELLO with the device's identity,
 // passes TPM 2.0 commands through to the device's TPM, keeps the
-// provisioning config the station writes (ConfigStore) and, when told,
-// registers with DPS by TPM attestation, connects to the assigned IoT Hub
-// and sends a telemetry message, streaming its progress to the station.
+// provisioning config the station writes (ConfigStore), generates a key
+// pair and CSR (in the TPM when there is one) and keeps the certificate
+// chain the station issues for it, keeps a symmetric key the station
+// writes, and, when told, registers with DPS by TPM, X.509 or
+// symmetric-key attestation, connects to the assigned IoT Hub and sends a
+// telemetry message, streaming its progress to the station.
 //
 // It is pure Go and builds with CGO_ENABLED=0 for linux/arm64, arm and amd64;
 // cmd/kiln-agent is its binary.
@@ -19,23 +22,31 @@ import (
 
 	"github.com/google/go-tpm/tpm2/transport"
 
+	"github.com/kilnworks/kiln/hsm"
 	"github.com/kilnworks/kiln/link"
 	"github.com/kilnworks/kiln/station"
 )
 
 // CapTPM is the capability announced when the agent has a TPM.
-const CapTPM = "tpm"
+const CapTPM = station.CapTPM
 
 // Config configures an Agent. Only Info is needed; a zero TPM means the
 // device has no TPM.
 type Config struct {
 	// Info is what the agent says about the device in HELLO (see
-	// DetectInfo). CapTPM is added to its capabilities when TPM is set.
+	// DetectInfo). CapTPM is added to its capabilities when TPM is set;
+	// station.CapKeyGen and station.CapSymKey always are.
 	Info station.DeviceInfo
 	// TPM is the device's TPM, e.g. /dev/tpmrm0 through go-tpm's linuxtpm.
 	TPM transport.TPM
 	// Store keeps the provisioning config; nil means a MemoryStore.
 	Store ConfigStore
+	// DataDir is the directory (0700) keeping the identity the station
+	// gives the DUT: the generated key, its certificate chain and the
+	// symmetric key, each file 0600, secrets encrypted under a key sealed
+	// in the TPM when there is one. Empty keeps them in memory (simulated
+	// DUTs).
+	DataDir string
 	// MaxFrame is the largest frame the agent accepts; 0 means
 	// link.DefaultMaxFrame.
 	MaxFrame int
@@ -52,8 +63,15 @@ type Agent struct {
 
 	tpmMu sync.Mutex // the TPM is single-access
 	tpm   transport.TPM
+	htpm  *hsm.TPM // tpm for hsm operations; use under tpmMu
 
 	store ConfigStore
+
+	idMu  sync.Mutex // serialises the identity files
+	vault vault
+
+	dekMu sync.Mutex
+	dek   []byte // the data-encryption key, once unsealed
 }
 
 var _ link.Handler = (*Agent)(nil)
@@ -70,14 +88,28 @@ func New(cfg Config) (*Agent, error) {
 	}
 	info := cfg.Info
 	info.Capabilities = slices.Clone(info.Capabilities)
-	if cfg.TPM != nil && !info.Has(CapTPM) {
-		info.Capabilities = append(info.Capabilities, CapTPM)
+	caps := []string{station.CapKeyGen, station.CapSymKey}
+	if cfg.TPM != nil {
+		caps = append([]string{CapTPM}, caps...)
+	}
+	for _, c := range caps {
+		if !info.Has(c) {
+			info.Capabilities = append(info.Capabilities, c)
+		}
 	}
 	store := cfg.Store
 	if store == nil {
 		store = &MemoryStore{}
 	}
-	return &Agent{info: info, maxFrame: cfg.MaxFrame, log: log.With("component", "agent"), tpm: cfg.TPM, store: store}, nil
+	var v vault = &memVault{}
+	if cfg.DataDir != "" {
+		v = &dirVault{dir: cfg.DataDir}
+	}
+	a := &Agent{info: info, maxFrame: cfg.MaxFrame, log: log.With("component", "agent"), tpm: cfg.TPM, store: store, vault: v}
+	if cfg.TPM != nil {
+		a.htpm = hsm.New(noClose{cfg.TPM})
+	}
+	return a, nil
 }
 
 // Info returns the device info given in Config (link.Serve sets Protocol).
@@ -119,10 +151,13 @@ func commandCode(cmd []byte) string {
 
 // Serve answers the station on rw (the device's serial line) until ctx is
 // done or the line fails; see link.Serve. Besides HELLO and TPM it answers
-// WRITE CONFIG, READ CONFIG and PROVISION (link.AddProvisioning).
+// WRITE CONFIG, READ CONFIG and PROVISION (link.AddProvisioning) and
+// GENERATE KEY, WRITE CERT CHAIN, WRITE SYMMETRIC KEY and READ IDENTITY
+// (link.AddIdentity).
 func (a *Agent) Serve(ctx context.Context, rw io.ReadWriter) error {
 	a.log.Info("serving DUT link", "serial", a.info.Serial, "model", a.info.Model, "capabilities", a.info.Capabilities)
 	cfg := link.ServeConfig{MaxFrame: a.maxFrame, Logger: a.log}
 	link.AddProvisioning(&cfg, a)
+	link.AddIdentity(&cfg, a)
 	return link.Serve(ctx, rw, a, cfg)
 }

@@ -84,7 +84,7 @@ func TestHelloAndTPM(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := station.DeviceInfo{Serial: "S1", Model: "M", Firmware: "F", Capabilities: []string{"tpm"}, Protocol: 1}
+	want := station.DeviceInfo{Serial: "S1", Model: "M", Firmware: "F", Capabilities: []string{"tpm", "keygen", "symkey"}, Protocol: 1}
 	if diff := cmp.Diff(want, info); diff != "" {
 		t.Errorf("Info (-want +got):\n%s", diff)
 	}
@@ -126,8 +126,8 @@ func TestNoTPM(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if info.Has("tpm") {
-		t.Errorf("capabilities %v announce a TPM", info.Capabilities)
+	if info.Has("tpm") || !info.Has(station.CapKeyGen) || !info.Has(station.CapSymKey) {
+		t.Errorf("capabilities %v: want keygen and symkey, no TPM", info.Capabilities)
 	}
 	_, err = c.TPM(t.Context(), []byte{1})
 	var se *station.Error

@@ -23,6 +23,7 @@ type Options struct {
 	Model    string
 	Firmware string
 	Config   string // provisioning config file, e.g. /var/lib/kiln-agent/config.json
+	DataDir  string // identity directory: generated key, certificate chain, symmetric key
 }
 
 // Flags registers the agent command's flags on fs, with tpmHelp describing
@@ -34,6 +35,7 @@ func (o *Options) Flags(fs *flag.FlagSet, tpmHelp string) {
 	fs.StringVar(&o.Serial, "serial", "", "serial number to report (default: from the device tree or DMI)")
 	fs.StringVar(&o.Model, "model", "", "model to report (default: from the device tree or DMI)")
 	fs.StringVar(&o.Firmware, "firmware", "", "firmware version to report (default: from /etc/os-release)")
+	fs.StringVar(&o.DataDir, "data-dir", DefaultDataDir, "directory keeping the identity the station gives the device (generated key, certificate chain, symmetric key), owner-only")
 	fs.StringVar(&o.Config, "config", DefaultConfigPath, "file keeping the provisioning config the station writes (ID scope, DPS endpoint, registration ID, trust bundle)")
 }
 
@@ -54,7 +56,7 @@ func Run(ctx context.Context, o Options, openTPM func(spec string) (transport.TP
 	if o.Firmware != "" {
 		info.Firmware = o.Firmware
 	}
-	cfg := Config{Info: info, Logger: log, Store: NewFileStore(o.Config)}
+	cfg := Config{Info: info, Logger: log, Store: NewFileStore(o.Config), DataDir: o.DataDir}
 	if o.TPM != "" {
 		t, err := openTPM(o.TPM)
 		if err != nil {

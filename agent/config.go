@@ -32,8 +32,9 @@ type ConfigStore interface {
 
 // ValidateConfig checks a provisioning config before it is stored: an ID
 // scope, a DPS endpoint (host or host:port), a registration ID that DPS
-// accepts (station.ValidRegistrationID) and, when set, a trust bundle of
-// PEM certificates only. Kinds: Invalid.
+// accepts (station.ValidRegistrationID), a method that is empty, tpm, x509
+// or symkey and, when set, a trust bundle of PEM certificates only. Kinds:
+// Invalid.
 func ValidateConfig(cfg station.DeviceConfig) error {
 	const op = "check provisioning config"
 	if s := cfg.IDScope; s == "" || strings.ContainsAny(s, "/?#%& \t\r\n") {
@@ -45,6 +46,11 @@ func ValidateConfig(cfg station.DeviceConfig) error {
 	}
 	if err := station.ValidRegistrationID(cfg.RegistrationID); err != nil {
 		return station.E(op, station.KindInvalid, err)
+	}
+	switch cfg.Method {
+	case "", station.MethodTPM, station.MethodX509, station.MethodSymKey:
+	default:
+		return station.Errorf(op, station.KindInvalid, "the attestation method %q is not tpm, x509 or symkey", cfg.Method)
 	}
 	if cfg.TrustBundle != "" {
 		if err := checkTrustBundle(cfg.TrustBundle); err != nil {

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"time"
 
@@ -42,28 +43,38 @@ func (a *Agent) ReadConfig(ctx context.Context) (station.DeviceConfig, error) {
 }
 
 // Provision runs the end-to-end check the station asks for: it reads the
-// stored config, registers with DPS by TPM attestation (dps.DeviceClient),
-// and when DPS assigns the device, connects to the assigned hub with a SAS
-// token signed by the TPM and sends one telemetry message. progress is
-// called for each stage: "register", "challenge", "activated",
-// "assigning", then the DPS status ("assigned", "failed", "disabled"), then
-// "hub-connect", "hub-connected" and "telemetry". The TPM is used one
+// stored config and registers with DPS by the config's method
+// (dps.DeviceClient): tpm (also when empty), by TPM attestation; x509,
+// presenting the stored certificate chain with the generated key (in the
+// TPM or in software) in the TLS handshake; symkey, with a SAS token
+// signed by the stored symmetric key. When DPS assigns the device, it
+// connects to the assigned hub the same way (a SAS token signed by the
+// TPM's imported key or the symmetric key, or the client certificate) and
+// sends one telemetry message. progress is called for each stage:
+// "register", for TPM attestation "challenge" and "activated", then
+// "assigning", then the DPS status ("assigned", "failed", "disabled"),
+// then "hub-connect", "hub-connected" and "telemetry". The TPM is used one
 // operation at a time under the agent's TPM mutex, so TPM passthrough
 // commands never land inside a sequence. A DPS status other than assigned
-// is returned in the report with a nil error. Kinds: NotFound (no TPM, no
-// config), Invalid, Unauthorized, Unavailable.
+// is returned in the report with a nil error. Kinds: NotFound (no TPM for
+// the tpm method, no config, no key, chain or symmetric key for the
+// method), Invalid, Unauthorized, Unavailable.
 func (a *Agent) Provision(ctx context.Context, progress func(station.ProvisionProgress)) (station.ProvisionReport, error) {
 	const op = "provision"
-	if a.tpm == nil {
-		return station.ProvisionReport{}, station.Errorf(op, station.KindNotFound,
-			"this DUT has no TPM configured, and TPM attestation needs one: start the agent with --tpm")
-	}
 	cfg, err := a.store.Load(ctx)
 	if err != nil {
 		return station.ProvisionReport{}, err
 	}
 	if err := ValidateConfig(cfg); err != nil {
 		return station.ProvisionReport{}, err
+	}
+	method := cfg.Method
+	if method == "" {
+		method = station.MethodTPM
+	}
+	if method == station.MethodTPM && a.tpm == nil {
+		return station.ProvisionReport{}, station.Errorf(op, station.KindNotFound,
+			"this DUT has no TPM configured, and TPM attestation needs one: start the agent with --tpm")
 	}
 	httpc, err := dps.NewTLSClient(cfg.TrustBundle, requestTimeout)
 	if err != nil {
@@ -78,14 +89,36 @@ func (a *Agent) Provision(ctx context.Context, progress func(station.ProvisionPr
 
 	start := time.Now()
 	report := func(stage, detail string) {
-		a.log.Info("provisioning", "stage", stage, "detail", detail)
+		a.log.Info("provisioning", "stage", stage, "detail", detail, "method", method)
 		if progress != nil {
 			progress(station.ProvisionProgress{Stage: stage, Detail: detail, After: time.Since(start)})
 		}
 	}
-	tpm := &lockedTPM{mu: a.lockTPM, t: hsm.New(noClose{a.tpm})}
 	dc := &dps.DeviceClient{Endpoint: cfg.GlobalEndpoint, IDScope: cfg.IDScope, HTTP: httpc, Progress: report}
-	st, err := dc.RegisterTPM(ctx, cfg.RegistrationID, tpm, nil)
+	var (
+		st  *dps.DeviceRegistrationState
+		hub = dps.HubConfig{TLS: tlsCfg}
+	)
+	switch method {
+	case station.MethodTPM:
+		tpm := &lockedTPM{mu: a.lockTPM, t: a.htpm}
+		st, err = dc.RegisterTPM(ctx, cfg.RegistrationID, tpm, nil)
+		hub.Signer = tpm.HMAC
+	case station.MethodX509:
+		var cert tls.Certificate
+		if cert, err = a.tlsCertificate(ctx); err != nil {
+			return station.ProvisionReport{}, err
+		}
+		st, err = dc.RegisterX509(ctx, cfg.RegistrationID, cert, nil)
+		hub.Certificate = &cert
+	case station.MethodSymKey:
+		var key []byte
+		if key, err = a.symmetricKey(ctx, cfg.RegistrationID); err != nil {
+			return station.ProvisionReport{}, err
+		}
+		st, err = dc.RegisterSymmetricKey(ctx, cfg.RegistrationID, key, nil)
+		hub.Key = key
+	}
 	if err != nil {
 		return station.ProvisionReport{}, err
 	}
@@ -101,17 +134,18 @@ func (a *Agent) Provision(ctx context.Context, progress func(station.ProvisionPr
 	}
 
 	report("hub-connect", "connecting to "+st.AssignedHub+" as "+st.DeviceID)
-	hub, err := dps.ConnectHub(ctx, dps.HubConfig{Addr: st.AssignedHub, DeviceID: st.DeviceID, Signer: tpm.HMAC, TLS: tlsCfg})
+	hub.Addr, hub.DeviceID = st.AssignedHub, st.DeviceID
+	hc, err := dps.ConnectHub(ctx, hub)
 	if err != nil {
 		return station.ProvisionReport{}, err
 	}
-	defer hub.Close()
+	defer hc.Close()
 	report("hub-connected", "connected to "+st.AssignedHub)
 	body, err := json.Marshal(map[string]string{"kiln": "end-to-end check", "serial": a.info.Serial})
 	if err != nil {
 		return station.ProvisionReport{}, station.E(op, station.KindInternal, err)
 	}
-	mid, err := hub.SendTelemetry(ctx, body, nil)
+	mid, err := hc.SendTelemetry(ctx, body, nil)
 	if err != nil {
 		return station.ProvisionReport{}, err
 	}

@@ -1,7 +1,10 @@
 // Package hsm is Kiln's TPM 2.0 work on go-tpm's tpm2 API: reading (and,
 // when absent, creating and persisting) the endorsement key and the storage
 // root key at their standard handles, reading the EK certificate from NV,
-// and validating EK certificates against a folder of manufacturer roots.
+// and validating EK certificates against a folder of manufacturer roots;
+// on the device, the DPS key import and HMAC, signing keys created under
+// the SRK and used as a crypto.Signer (CreateSigningKey, Signer), and
+// small secrets sealed under the SRK (Seal, Unseal).
 //
 // A TPM is reached through a transport.TPM: a Linux device (/dev/tpmrm0),
 // swtpm over TCP or a unix socket (Open), the DUT link (OverLink), or the

@@ -50,6 +50,10 @@ type Config struct {
 	// ConfigTimeout is the per-attempt timeout of WRITE CONFIG and READ
 	// CONFIG; zero means DefaultConfigTimeout.
 	ConfigTimeout time.Duration
+	// KeyGenTimeout is the per-attempt timeout of GENERATE KEY; zero means
+	// DefaultKeyGenTimeout. WRITE CERT CHAIN, WRITE SYMMETRIC KEY and READ
+	// IDENTITY use ConfigTimeout.
+	KeyGenTimeout time.Duration
 	// ProvisionTimeout is how long PROVISION may run without an event from
 	// the agent (each event restarts it); zero means
 	// DefaultProvisionTimeout.
@@ -84,6 +88,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.ConfigTimeout <= 0 {
 		c.ConfigTimeout = DefaultConfigTimeout
+	}
+	if c.KeyGenTimeout <= 0 {
+		c.KeyGenTimeout = DefaultKeyGenTimeout
 	}
 	if c.ProvisionTimeout <= 0 {
 		c.ProvisionTimeout = DefaultProvisionTimeout

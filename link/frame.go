@@ -81,16 +81,18 @@ func (t Type) String() string {
 // Command is a command code (byte 4 of a frame).
 type Command uint8
 
-// The command codes. CmdHello, CmdTPM, CmdWriteConfig, CmdReadConfig and
-// CmdProvision are implemented; the others are reserved with the meaning given and are answered with an "unknown command"
-// error until they are. Codes 0x80–0xFF are for vendor extensions.
+// The command codes. CmdFactoryReset is reserved with the meaning given and
+// is answered with an "unknown command" error until it is implemented; the
+// others are implemented (the identity commands 0x10–0x13 by agents set up
+// with AddIdentity). Codes 0x80–0xFF are for vendor extensions.
 const (
 	CmdNone           Command = 0x00 // used by NAK frames; never a request
 	CmdHello          Command = 0x01 // version negotiation and device info
 	CmdTPM            Command = 0x02 // raw TPM 2.0 command in, raw response out
-	CmdKeyCSR         Command = 0x10 // reserved: generate a key pair and return a CSR
-	CmdWriteCertChain Command = 0x11 // reserved: store the issued certificate chain
-	CmdWriteSymKey    Command = 0x12 // reserved: store a symmetric (DPS) key
+	CmdKeyCSR         Command = 0x10 // generate a key pair and return a CSR
+	CmdWriteCertChain Command = 0x11 // store the issued certificate chain
+	CmdWriteSymKey    Command = 0x12 // store a symmetric (DPS) key
+	CmdReadIdentity   Command = 0x13 // read back the chain, key storage and symmetric key fingerprint
 	CmdWriteConfig    Command = 0x20 // write config (ID scope, endpoint, registration ID, trust bundle)
 	CmdReadConfig     Command = 0x21 // read the config back
 	CmdProvision      Command = 0x30 // register with DPS and send telemetry now, progress streamed as events
@@ -99,7 +101,7 @@ const (
 
 var cmdNames = map[Command]string{
 	CmdNone: "none", CmdHello: "hello", CmdTPM: "TPM command", CmdKeyCSR: "key+CSR",
-	CmdWriteCertChain: "write cert chain", CmdWriteSymKey: "write symmetric key",
+	CmdWriteCertChain: "write cert chain", CmdWriteSymKey: "write symmetric key", CmdReadIdentity: "read identity",
 	CmdWriteConfig: "write config", CmdReadConfig: "read config", CmdProvision: "provision",
 	CmdFactoryReset: "factory reset",
 }

@@ -1,7 +1,10 @@
 // Command kiln-agent is the device-side agent that DUTs ship: it serves the
 // Kiln DUT link on a serial port (a USB gadget serial port such as
-// /dev/ttyGS0) and passes TPM commands to the device's TPM. It is pure Go
-// (CGO_ENABLED=0) and cross-compiles to linux/arm64, arm and amd64.
+// /dev/ttyGS0), passes TPM commands to the device's TPM, generates the
+// device's key (in the TPM when it has one) and keeps its certificate chain
+// or symmetric key in --data-dir, and provisions the device against DPS
+// when the station says so. It is pure Go (CGO_ENABLED=0) and
+// cross-compiles to linux/arm64, arm and amd64.
 package main
 
 import (
