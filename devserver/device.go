@@ -54,6 +54,10 @@ type deviceRequest struct {
 	now            time.Time
 	idScope        string
 	x509           *x509Proof // what the TLS client certificate proved; nil without one
+	// group is the enrollment group the device attested through (X.509
+	// signing certificate or symmetric-key derived key); nil for an
+	// individual enrollment.
+	group *dps.EnrollmentGroup
 }
 
 // sas parses the request's Authorization header; nil when there is none.
@@ -154,6 +158,11 @@ func (s *Server) openDeviceRequest(ctx context.Context, d *deviceRequest, scope,
 	}
 	e, err := s.db.enrollment(ctx, registrationID)
 	if station.KindOf(err) == station.KindNotFound {
+		// No individual enrollment (which wins over any group, §5.2): a
+		// symmetric-key group whose derived key signed the token.
+		if gerr := s.attestSymmetricKeyGroup(ctx, d); gerr == nil || station.KindOf(gerr) != station.KindUnauthorized {
+			return gerr
+		}
 		return station.E(op, station.KindUnauthorized, err)
 	}
 	if err != nil {
@@ -249,9 +258,9 @@ func (s *Server) startRegistration(ctx context.Context, d *deviceRequest, log *s
 	var tps []string
 	if d.x509 != nil {
 		tps = d.x509.thumbprints
-		if d.x509.group != nil {
-			group = d.x509.group.EnrollmentGroupID
-		}
+	}
+	if d.group != nil {
+		group = d.group.EnrollmentGroupID
 	}
 	if err := s.db.startOperation(ctx, opID, d.enrollment.RegistrationID, group, tps, now, now.Add(s.cfg.OperationTTL)); err != nil {
 		if station.KindOf(err) == station.KindNotFound {
@@ -451,8 +460,13 @@ func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) erro
 			return err
 		}
 		state = st
-		if state.X509 != nil && groupID != "" {
-			state.X509.EnrollmentGroupID = groupID
+		if groupID != "" {
+			switch {
+			case state.X509 != nil:
+				state.X509.EnrollmentGroupID = groupID
+			case state.SymmetricKey != nil:
+				state.SymmetricKey.EnrollmentGroupID = groupID
+			}
 		}
 		reg.Thumbprints = o.Thumbprints
 		reg.Status = dps.StatusAssigned

@@ -101,7 +101,8 @@ type Server struct {
 	serviceKeys map[string][]byte
 	attest      map[string]attestation // by enrollment attestation type (lower case)
 	handler     http.Handler
-	metrics     metrics // the counters of GET /metrics (metrics.go)
+	metrics     metrics       // the counters of GET /metrics (metrics.go)
+	groupKeys   groupKeyCache // symmetric-key groups with decoded keys (symkey_group.go)
 
 	// Assignment workers: one goroutine per pending operation, stopped by
 	// cancel and awaited by Close.

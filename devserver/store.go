@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	sqlite3 "github.com/mattn/go-sqlite3"
@@ -51,6 +52,9 @@ type store struct {
 	write *sql.DB // one connection: every write, serialized
 	read  *sql.DB // query-only connections
 	seal  cipher.AEAD
+	// groupsGen grows after every committed write to enrollment_groups,
+	// so that caches of groups (see groupKeys) know when to reload.
+	groupsGen atomic.Int64
 }
 
 // openStore opens (creating them if needed) the database and the data key
@@ -363,7 +367,11 @@ func (s *store) deleteRow(ctx context.Context, op, table, registrationID, ifMatc
 	if _, err := tx.ExecContext(ctx, `DELETE FROM `+table+` WHERE id = ?`, regKey(registrationID)); err != nil {
 		return dbError(op, err)
 	}
-	return dbError(op, tx.Commit())
+	err = tx.Commit()
+	if table == "enrollment_groups" {
+		s.groupsGen.Add(1)
+	}
+	return dbError(op, err)
 }
 
 // ---- TPM challenges ----

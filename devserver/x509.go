@@ -98,7 +98,7 @@ func (s *Server) attestX509(ctx context.Context, d *deviceRequest, chain []*x509
 			d.registrationID, sha256Hex)
 	}
 	proof.group = g
-	d.enrollment, d.x509 = groupEnrollment(g, d.registrationID), proof
+	d.enrollment, d.x509, d.group = groupEnrollment(g, d.registrationID), proof, g
 	return nil
 }
 
@@ -232,11 +232,16 @@ func (s *Server) matchGroup(ctx context.Context, chain []*x509.Certificate, now 
 // groupEnrollment returns an enrollment group as the enrollment of one of
 // its devices: the group's attestation, allocation, twin, status and
 // reprovisioning, with the device ID left to default to the registration
-// ID (the CN for X.509, §6).
+// ID (the CN for X.509, §6). The symmetric keys of a symmetric-key group
+// become the device's derived keys (§5.2).
 func groupEnrollment(g *dps.EnrollmentGroup, registrationID string) *dps.IndividualEnrollment {
+	att := g.Attestation
+	if sk := att.SymmetricKey; sk != nil && strings.EqualFold(att.Type, dps.AttestationSymmetricKey) {
+		att.SymmetricKey = deriveGroupKeys(sk, registrationID)
+	}
 	return &dps.IndividualEnrollment{
 		RegistrationID:             registrationID,
-		Attestation:                g.Attestation,
+		Attestation:                att,
 		Capabilities:               g.Capabilities,
 		IoTHubHostName:             g.IoTHubHostName,
 		InitialTwin:                g.InitialTwin,
