@@ -423,6 +423,8 @@ func (s *Server) HubDevice(ctx context.Context, hub, deviceID string) (*HubDevic
 //	PUT|GET|DELETE /enrollmentGroups/{id}
 //	POST /enrollmentGroups/{id}/attestationmechanism
 //	POST /registrations/{groupId}/query (also /enrollmentGroups/{id}/registrations/query)
+//	GET /certificates; PUT|GET|DELETE /certificates/{name}
+//	POST /certificates/{name}/generateVerificationCode and /verify (certificates.go)
 func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	trackingID := newTrackingID()
 	if r.URL.Path == dpsWebSocketPath {
@@ -441,6 +443,14 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case len(segs) == 1 && segs[0] == "metrics":
 		s.allow(w, r, trackingID, http.MethodGet, func() { s.serveMetrics(w, r) })
+	case len(segs) == 1 && is(segs[0], "certificates"):
+		s.allow(w, r, trackingID, http.MethodGet, func() { s.serveCertificates(w, r, trackingID) })
+	case len(segs) == 2 && is(segs[0], "certificates"):
+		s.serveCertificate(w, r, trackingID, segs[1])
+	case len(segs) == 3 && is(segs[0], "certificates") && is(segs[2], "generateVerificationCode"):
+		s.allow(w, r, trackingID, http.MethodPost, func() { s.generateVerificationCode(w, r, trackingID, segs[1]) })
+	case len(segs) == 3 && is(segs[0], "certificates") && is(segs[2], "verify"):
+		s.allow(w, r, trackingID, http.MethodPost, func() { s.verifyCertificate(w, r, trackingID, segs[1]) })
 	case len(segs) == 1 && (is(segs[0], "enrollments") || is(segs[0], "enrollmentGroups")):
 		s.allow(w, r, trackingID, http.MethodPost, func() { s.serveBulk(w, r, trackingID, is(segs[0], "enrollmentGroups")) })
 	case len(segs) == 2 && post && is(segs[0], "enrollments") && is(segs[1], "query"):
