@@ -383,8 +383,9 @@ func (s *Server) Handler() http.Handler { return s.handler }
 
 // HubDevice implements DeviceDirectory: the device deviceID as assigned to
 // hub, with its SAS keys (TPM: the key sent in the activation blob;
-// symmetric key: the enrollment's primary and secondary keys) and the
-// desired properties of its enrollment's initial twin. Kinds: NotFound.
+// symmetric key: the enrollment's primary and secondary keys), the
+// initial twin (desired properties, tags), its IoT Edge capability and
+// what the hub needs to reset or migrate its data. Kinds: NotFound.
 func (s *Server) HubDevice(ctx context.Context, hub, deviceID string) (*HubDevice, error) {
 	r, err := s.db.hubDevice(ctx, hub, deviceID)
 	if err != nil {
@@ -405,6 +406,12 @@ func (s *Server) HubDevice(ctx context.Context, hub, deviceID string) (*HubDevic
 	}
 	if len(r.Twin) > 0 {
 		d.Twin = r.Twin
+	}
+	d.Tags, d.IoTEdge, d.DataETag = r.Tags, r.IoTEdge, r.DataETag
+	for _, h := range s.cfg.Hubs {
+		if r.PreviousHub != "" && strings.EqualFold(h.Name, r.PreviousHub) {
+			d.PreviousHub = h.Name
+		}
 	}
 	return d, nil
 }
