@@ -29,33 +29,45 @@ type symmetricKeyGroup struct {
 	keys  [][]byte // primary, then secondary when it decodes
 }
 
-// groupKeyCache holds the symmetric-key groups with their keys decoded,
+// groupKeyCache holds the symmetric-key groups with their decoded keys,
 // so that a device request costs no database read and no unsealing. It
 // is reloaded when the store's group generation moves (every group write
-// moves it).
+// moves it). hints remembers, per registration ID, which group key signed
+// the device's last token, so that its polls and later registrations try
+// that key first instead of every group's; a hint is only a first guess,
+// checked like any other key, and the hints go with a reload.
 type groupKeyCache struct {
 	mu     sync.Mutex
 	loaded bool
 	gen    int64
 	groups []symmetricKeyGroup
+	hints  map[string]groupHint // by registration key
 }
 
+// groupHint points at one key of one group of a groupKeyCache load.
+type groupHint struct{ group, key int }
+
+// maxGroupHints bounds the hints kept: when full, they are dropped all at
+// once (devices then pay one full search each).
+const maxGroupHints = 1 << 14
+
 // symmetricKeyGroups returns the symmetric-key enrollment groups in ID
-// order, from the cache when no group was written since it was filled.
-// Kinds: Unavailable, Internal.
-func (s *Server) symmetricKeyGroups(ctx context.Context) ([]symmetricKeyGroup, error) {
+// order, from the cache when no group was written since it was filled,
+// with the generation of the load and the hint for registration key reg
+// (ok false: none). Kinds: Unavailable, Internal.
+func (s *Server) symmetricKeyGroups(ctx context.Context, reg string) (groups []symmetricKeyGroup, gen int64, hint groupHint, ok bool, err error) {
 	c := &s.groupKeys
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	gen := s.db.groupsGen.Load() // before reading: a write during the load triggers another
+	gen = s.db.groupsGen.Load() // before reading: a write during the load triggers another
 	if c.loaded && c.gen == gen {
-		return c.groups, nil
+		hint, ok = c.hints[reg]
+		return c.groups, gen, hint, ok, nil
 	}
-	var groups []symmetricKeyGroup
 	for after := ""; ; {
 		page, err := s.db.listGroups(ctx, after, 100)
 		if err != nil {
-			return nil, err
+			return nil, 0, groupHint{}, false, err
 		}
 		for i := range page {
 			g := &page[i]
@@ -81,8 +93,23 @@ func (s *Server) symmetricKeyGroups(ctx context.Context) ([]symmetricKeyGroup, e
 		}
 		after = regKey(page[len(page)-1].EnrollmentGroupID)
 	}
-	c.loaded, c.gen, c.groups = true, gen, groups
-	return groups, nil
+	c.loaded, c.gen, c.groups, c.hints = true, gen, groups, map[string]groupHint{}
+	return groups, gen, groupHint{}, false, nil
+}
+
+// rememberGroupKey records the hint for registration key reg, unless the
+// cache was reloaded since generation gen.
+func (s *Server) rememberGroupKey(gen int64, reg string, h groupHint) {
+	c := &s.groupKeys
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if !c.loaded || c.gen != gen {
+		return
+	}
+	if len(c.hints) >= maxGroupHints {
+		clear(c.hints)
+	}
+	c.hints[reg] = h
 }
 
 // attestSymmetricKeyGroup finds the symmetric-key enrollment group whose
@@ -102,16 +129,29 @@ func (s *Server) attestSymmetricKeyGroup(ctx context.Context, d *deviceRequest) 
 		return station.Errorf(op, station.KindUnauthorized,
 			"no individual enrollment %q and no Authorization header: enroll the device, or sign a SAS token with its key derived from a symmetric-key enrollment group", d.registrationID)
 	}
-	groups, err := s.symmetricKeyGroups(ctx)
+	reg := regKey(d.registrationID)
+	groups, gen, hint, ok, err := s.symmetricKeyGroups(ctx, reg)
 	if err != nil {
 		return err
 	}
-	for _, g := range groups {
-		for _, k := range g.keys {
-			if tok.Verify(dps.DeriveDeviceKey(k, d.registrationID), time.Time{}) == nil { // zero time: signature only
-				d.group = g.group
-				d.enrollment = groupEnrollment(g.group, d.registrationID)
-				return nil
+	signedWith := func(g, k int) bool {
+		return tok.Verify(dps.DeriveDeviceKey(groups[g].keys[k], d.registrationID), time.Time{}) == nil // zero time: signature only
+	}
+	found := func(g, k int) error {
+		d.group = groups[g].group
+		d.enrollment = groupEnrollment(d.group, d.registrationID)
+		s.rememberGroupKey(gen, reg, groupHint{g, k})
+		return nil
+	}
+	// The key that signed this device's last token first: a group that
+	// comes earlier could only match too if it had the same keys.
+	if ok && hint.group < len(groups) && hint.key < len(groups[hint.group].keys) && signedWith(hint.group, hint.key) {
+		return found(hint.group, hint.key)
+	}
+	for g := range groups {
+		for k := range groups[g].keys {
+			if signedWith(g, k) {
+				return found(g, k)
 			}
 		}
 	}

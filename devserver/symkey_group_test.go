@@ -223,11 +223,16 @@ func TestMQTTSymmetricKeyGroup(t *testing.T) {
 }
 
 // BenchmarkSymmetricKeyGroupLookup measures the device lookup (POST
-// /{idScope}/registrations/{regId}, on a kept-alive HTTPS connection) of a
-// device of a symmetric-key enrollment group, found among the 100 groups
-// DPS allows with its group last, against the same lookup by a device of
-// an individual enrollment in the same run: x-individual is the ratio of
-// the two times.
+// /{idScope}/registrations/{regId}, on a kept-alive HTTPS connection) of
+// devices of a symmetric-key enrollment group, found among the 100 groups
+// DPS allows with their group last, against the same lookup by a device
+// of an individual enrollment in the same run:
+//
+//   - group-us/op and x-individual: a device that authenticated before
+//     (polls, lookups, registering again), whose key is remembered;
+//   - first-us/op and x-individual-first: a device never seen, so every
+//     group's keys are tried (the lookup answers 404: no registration yet);
+//     its baseline is an enrolled device that never registered.
 func BenchmarkSymmetricKeyGroupLookup(b *testing.B) {
 	e := start(b, devserver.Config{})
 	scope := e.srv.IDScope()
@@ -236,25 +241,35 @@ func BenchmarkSymmetricKeyGroupLookup(b *testing.B) {
 		last = randomGroupKey(b)
 		e.putSymmetricKeyGroup(b, fmt.Sprintf("bench-%03d", i), last, randomGroupKey(b))
 	}
-	const grpID, indID = "bench-grp-dev", "bench-ind-dev"
-	grpTok := dps.NewDeviceSAS(scope, grpID, dps.DeriveDeviceKey(last, grpID), time.Now().Add(time.Hour))
+	hour := time.Now().Add(time.Hour)
+	const grpID, indID, freshInd = "bench-grp-dev", "bench-ind-dev", "bench-ind-new"
+	grpTok := dps.NewDeviceSAS(scope, grpID, dps.DeriveDeviceKey(last, grpID), hour)
 	_, key, _ := e.enrollSymmetricKey(b, indID)
-	indTok := dps.NewDeviceSAS(scope, indID, key, time.Now().Add(time.Hour))
+	indTok := dps.NewDeviceSAS(scope, indID, key, hour)
+	_, key2, _ := e.enrollSymmetricKey(b, freshInd)
+	freshIndTok := dps.NewDeviceSAS(scope, freshInd, key2, hour)
 	e.registerSAS(b, grpID, grpTok)
 	e.registerSAS(b, indID, indTok)
-	lookup := func(regID, tok string) time.Duration {
+	lookup := func(regID, tok string, want int) time.Duration {
 		t0 := time.Now()
-		if r := e.do(b, http.MethodPost, "/"+scope+"/registrations/"+regID+"?api-version=2019-03-31", tok, nil); r.status != http.StatusOK {
-			b.Fatalf("lookup %s: %d %s", regID, r.status, r.body)
+		if r := e.do(b, http.MethodPost, "/"+scope+"/registrations/"+regID+"?api-version=2019-03-31", tok, nil); r.status != want {
+			b.Fatalf("lookup %s: %d %s, want %d", regID, r.status, r.body, want)
 		}
 		return time.Since(t0)
 	}
-	var grp, ind time.Duration
+	var grp, ind, first, indFirst time.Duration
+	n := 0
 	b.ResetTimer()
 	for b.Loop() {
-		grp += lookup(grpID, grpTok)
-		ind += lookup(indID, indTok)
+		grp += lookup(grpID, grpTok, http.StatusOK)
+		ind += lookup(indID, indTok, http.StatusOK)
+		id := fmt.Sprintf("bench-new-%06d", n)
+		n++
+		first += lookup(id, dps.NewDeviceSAS(scope, id, dps.DeriveDeviceKey(last, id), hour), http.StatusNotFound)
+		indFirst += lookup(freshInd, freshIndTok, http.StatusNotFound)
 	}
-	b.ReportMetric(float64(grp.Microseconds())/float64(b.N), "group-us/op")
+	b.ReportMetric(float64(grp.Microseconds())/float64(n), "group-us/op")
 	b.ReportMetric(float64(grp)/float64(ind), "x-individual")
+	b.ReportMetric(float64(first.Microseconds())/float64(n), "first-us/op")
+	b.ReportMetric(float64(first)/float64(indFirst), "x-individual-first")
 }
