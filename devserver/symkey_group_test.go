@@ -108,6 +108,22 @@ func TestSymmetricKeyGroupRegistration(t *testing.T) {
 	if r.status != http.StatusOK {
 		t.Errorf("lookup: %d %s", r.status, r.body)
 	}
+
+	// A device seen with one key may come back with another: the key it
+	// used last is only tried first.
+	for _, step := range []struct {
+		key   []byte
+		group string
+	}{
+		{dps.DeriveDeviceKey(gs, "grp-dev-1"), "line-a"},
+		{dps.DeriveDeviceKey(other, "grp-dev-1"), "line-b"},
+		{dps.DeriveDeviceKey(gp, "grp-dev-1"), "line-a"},
+	} {
+		reg := e.registerSAS(t, "grp-dev-1", dps.NewDeviceSAS(scope, "grp-dev-1", step.key, hour))
+		if st := reg.final.RegistrationState; reg.final.Status != dps.StatusAssigned || st.SymmetricKey == nil || st.SymmetricKey.EnrollmentGroupID != step.group {
+			t.Errorf("grp-dev-1 again: %s, want assigned in %s", reg.finalRaw, step.group)
+		}
+	}
 }
 
 func TestSymmetricKeyGroupRefusals(t *testing.T) {
