@@ -54,6 +54,10 @@ type deviceRequest struct {
 	now            time.Time
 	idScope        string
 	x509           *x509Proof // what the TLS client certificate proved; nil without one
+	// group is the enrollment group the device attested through (X.509
+	// signing certificate or symmetric-key derived key); nil for an
+	// individual enrollment.
+	group *dps.EnrollmentGroup
 }
 
 // sas parses the request's Authorization header; nil when there is none.
@@ -154,6 +158,11 @@ func (s *Server) openDeviceRequest(ctx context.Context, d *deviceRequest, scope,
 	}
 	e, err := s.db.enrollment(ctx, registrationID)
 	if station.KindOf(err) == station.KindNotFound {
+		// No individual enrollment (which wins over any group, §5.2): a
+		// symmetric-key group whose derived key signed the token.
+		if gerr := s.attestSymmetricKeyGroup(ctx, d); gerr == nil || station.KindOf(gerr) != station.KindUnauthorized {
+			return gerr
+		}
 		return station.E(op, station.KindUnauthorized, err)
 	}
 	if err != nil {
@@ -249,11 +258,11 @@ func (s *Server) startRegistration(ctx context.Context, d *deviceRequest, log *s
 	var tps []string
 	if d.x509 != nil {
 		tps = d.x509.thumbprints
-		if d.x509.group != nil {
-			group = d.x509.group.EnrollmentGroupID
-		}
 	}
-	if err := s.db.startOperation(ctx, opID, d.enrollment.RegistrationID, group, tps, now, now.Add(s.cfg.OperationTTL)); err != nil {
+	if d.group != nil {
+		group = d.group.EnrollmentGroupID
+	}
+	if err := s.db.startOperation(ctx, opID, d.enrollment.RegistrationID, group, tps, d.body.Payload, now, now.Add(s.cfg.OperationTTL)); err != nil {
 		if station.KindOf(err) == station.KindNotFound {
 			err = station.E("register device", station.KindUnauthorized, err)
 		}
@@ -451,8 +460,13 @@ func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) erro
 			return err
 		}
 		state = st
-		if state.X509 != nil && groupID != "" {
-			state.X509.EnrollmentGroupID = groupID
+		if groupID != "" {
+			switch {
+			case state.X509 != nil:
+				state.X509.EnrollmentGroupID = groupID
+			case state.SymmetricKey != nil:
+				state.SymmetricKey.EnrollmentGroupID = groupID
+			}
 		}
 		reg.Thumbprints = o.Thumbprints
 		reg.Status = dps.StatusAssigned
@@ -462,8 +476,21 @@ func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) erro
 			reg.DeviceID = e.RegistrationID
 		}
 		reg.Key = id.Key
-		reg.Twin = desired(e)
-		reg.Substatus = substatus(prev, hub, e)
+		var reset bool
+		reg.Substatus, reset = reprovision(prev, hub, e)
+		if reset {
+			// The device data comes from the enrollment: at the first
+			// assignment, and when the policy says not to migrate it.
+			reg.Twin, reg.Tags = desired(e), initialTags(e)
+			reg.IoTEdge = e.Capabilities != nil && e.Capabilities.IoTEdge
+			reg.DataETag = newETag()
+		} else {
+			// Kept on the same hub, or migrated from the previous one.
+			reg.Twin, reg.Tags, reg.IoTEdge, reg.DataETag = prev.Twin, prev.Tags, prev.IoTEdge, prev.DataETag
+			if !strings.EqualFold(prev.Hub, hub) {
+				reg.PreviousHub = prev.Hub
+			}
+		}
 	}
 
 	full := reg.state()
@@ -493,15 +520,43 @@ func (s *Server) chooseHub(e *dps.IndividualEnrollment, prev *registration) (str
 	return allocate(s.cfg.Hubs, e, e.RegistrationID)
 }
 
-// substatus says how an assignment relates to the previous one (§10).
-func substatus(prev *registration, hub string, e *dps.IndividualEnrollment) string {
-	switch {
-	case prev.Hub == "" || strings.EqualFold(prev.Hub, hub):
-		return dps.SubstatusInitialAssignment
-	case e.ReprovisionPolicy != nil && !e.ReprovisionPolicy.MigrateDeviceData:
-		return dps.SubstatusDeviceDataReset
+// reprovision says how an assignment to hub relates to the device's
+// previous one (§10), by the enrollment's reprovision policy (absent:
+// update the hub assignment and migrate the data): its substatus, and
+// whether the device data (twin, capabilities) is set afresh from the
+// enrollment (reset) rather than kept or migrated.
+//
+//   - no previous hub: initialAssignment, data from the enrollment;
+//   - the same hub, migrateDeviceData or updateHubAssignment false (never
+//     re-provision): reprovisionedToInitialAssignment, data kept, as real
+//     DPS answers a device that registers again to the hub it has;
+//   - the same hub, updateHubAssignment without migrateDeviceData:
+//     deviceDataReset, data from the enrollment (DPS's factory reset);
+//   - another hub: deviceDataMigrated with the data moved along, or
+//     deviceDataReset without migrateDeviceData.
+func reprovision(prev *registration, hub string, e *dps.IndividualEnrollment) (substatus string, reset bool) {
+	policy := dps.ReprovisionPolicy{UpdateHubAssignment: true, MigrateDeviceData: true}
+	if e.ReprovisionPolicy != nil {
+		policy = *e.ReprovisionPolicy
 	}
-	return dps.SubstatusDeviceDataMigrated
+	switch {
+	case prev.Hub == "":
+		return dps.SubstatusInitialAssignment, true
+	case strings.EqualFold(prev.Hub, hub) && (policy.MigrateDeviceData || !policy.UpdateHubAssignment):
+		return dps.SubstatusReprovisionedToInitialAssignment, false
+	case !policy.MigrateDeviceData:
+		return dps.SubstatusDeviceDataReset, true
+	}
+	return dps.SubstatusDeviceDataMigrated, false
+}
+
+// initialTags returns the tags of an enrollment's initial twin, nil when
+// there are none.
+func initialTags(e *dps.IndividualEnrollment) json.RawMessage {
+	if e.InitialTwin == nil || len(e.InitialTwin.Tags) == 0 || string(e.InitialTwin.Tags) == "null" {
+		return nil
+	}
+	return e.InitialTwin.Tags
 }
 
 // desired returns the desired properties of an enrollment's initial twin,

@@ -274,9 +274,10 @@ func TestAllocation(t *testing.T) {
 		if counts[hub1] == 0 || counts[hub2] <= counts[hub1] {
 			t.Errorf("weights 1:3 gave %v", counts)
 		}
-		// The same ID lands on the same hub again.
+		// The same ID lands on the same hub again: re-provisioned to its
+		// initial assignment, as real DPS answers a repeated registration.
 		for _, id := range []string{"hashed-a", "hashed-b", "hashed-c"} {
-			if got := e.register(ctx, t, id, dev).final.RegistrationState; got.AssignedHub != first[id] || got.Substatus != "initialAssignment" {
+			if got := e.register(ctx, t, id, dev).final.RegistrationState; got.AssignedHub != first[id] || got.Substatus != dps.SubstatusReprovisionedToInitialAssignment {
 				t.Errorf("%s: hub %s then %s (%s)", id, first[id], got.AssignedHub, got.Substatus)
 			}
 		}

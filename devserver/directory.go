@@ -20,6 +20,19 @@ type HubDevice struct {
 	// Twin is the device twin document's desired properties from the
 	// enrollment's initialTwin (JSON object), nil for an empty twin.
 	Twin json.RawMessage
+	// Tags are the twin's tags from the enrollment's initialTwin (JSON
+	// object), nil for none. Devices do not see tags; the service side does.
+	Tags json.RawMessage
+	// IoTEdge is the device's IoT Edge capability (capabilities.iotEdge).
+	IoTEdge bool
+	// DataETag names the device data: it changes whenever DPS sets the
+	// data afresh from the enrollment (first assignment, reset), and the
+	// hub then drops the reported properties it kept for the device.
+	DataETag string
+	// PreviousHub is the hub the device data was migrated from (the
+	// deviceDataMigrated reprovisioning), "" otherwise: the hub moves the
+	// reported properties it kept there to this hub.
+	PreviousHub string
 }
 
 // DeviceDirectory answers the hub's questions about devices. The DPS side of

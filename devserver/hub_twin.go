@@ -19,6 +19,7 @@ type twinKey struct{ hub, deviceID string }
 type twinState struct {
 	reported map[string]any
 	version  int64
+	dataETag string // HubDevice.DataETag the state belongs to
 }
 
 // twinGet answers $iothub/twin/GET/?$rid=R with
@@ -84,12 +85,26 @@ func (h *Hub) twinPatch(cl *mqtt.Client, s *hubSession, topic string, body []byt
 }
 
 // twin returns the twin state of the session's device, making it if need
-// be. h.mu must be held.
+// be. A state kept for other device data (DPS reset the data from the
+// enrollment since) is dropped; a new state takes over the state of the
+// hub the data was migrated from (DPS's deviceDataMigrated), which that
+// hub then forgets. h.mu must be held.
 func (h *Hub) twin(s *hubSession) *twinState {
 	k := twinKey{strings.ToLower(s.hub), s.deviceID}
+	data := s.device.DataETag
 	ts := h.twins[k]
+	if ts != nil && ts.dataETag != data {
+		ts = nil
+	}
 	if ts == nil {
-		ts = &twinState{reported: map[string]any{}, version: 1}
+		ts = &twinState{reported: map[string]any{}, version: 1, dataETag: data}
+		if prev := s.device.PreviousHub; prev != "" && !strings.EqualFold(prev, s.hub) {
+			pk := twinKey{strings.ToLower(prev), s.deviceID}
+			if old := h.twins[pk]; old != nil && old.dataETag == data {
+				ts.reported, ts.version = old.reported, old.version
+				delete(h.twins, pk)
+			}
+		}
 		h.twins[k] = ts
 	}
 	return ts

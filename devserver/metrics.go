@@ -326,6 +326,14 @@ func serviceOperation(method string, segs []string) string {
 	switch {
 	case n == 1 && segs[0] == "metrics":
 		return ""
+	case n == 1 && is(segs[0], "certificates"):
+		return "certificate.list"
+	case n == 2 && is(segs[0], "certificates"):
+		return crud("certificate")
+	case n == 3 && is(segs[0], "certificates") && is(segs[2], "generateVerificationCode"):
+		return "certificate.generateVerificationCode"
+	case n == 3 && is(segs[0], "certificates") && is(segs[2], "verify"):
+		return "certificate.verify"
 	case n == 1 && (is(segs[0], "enrollments") || is(segs[0], "enrollmentGroups")):
 		return kind(segs[0]) + ".bulk"
 	case n == 2 && post && (is(segs[0], "enrollments") || is(segs[0], "enrollmentGroups")) && is(segs[1], "query"):

@@ -101,7 +101,8 @@ type Server struct {
 	serviceKeys map[string][]byte
 	attest      map[string]attestation // by enrollment attestation type (lower case)
 	handler     http.Handler
-	metrics     metrics // the counters of GET /metrics (metrics.go)
+	metrics     metrics       // the counters of GET /metrics (metrics.go)
+	groupKeys   groupKeyCache // symmetric-key groups with decoded keys (symkey_group.go)
 
 	// Assignment workers: one goroutine per pending operation, stopped by
 	// cancel and awaited by Close.
@@ -382,8 +383,9 @@ func (s *Server) Handler() http.Handler { return s.handler }
 
 // HubDevice implements DeviceDirectory: the device deviceID as assigned to
 // hub, with its SAS keys (TPM: the key sent in the activation blob;
-// symmetric key: the enrollment's primary and secondary keys) and the
-// desired properties of its enrollment's initial twin. Kinds: NotFound.
+// symmetric key: the enrollment's primary and secondary keys), the
+// initial twin (desired properties, tags), its IoT Edge capability and
+// what the hub needs to reset or migrate its data. Kinds: NotFound.
 func (s *Server) HubDevice(ctx context.Context, hub, deviceID string) (*HubDevice, error) {
 	r, err := s.db.hubDevice(ctx, hub, deviceID)
 	if err != nil {
@@ -405,6 +407,12 @@ func (s *Server) HubDevice(ctx context.Context, hub, deviceID string) (*HubDevic
 	if len(r.Twin) > 0 {
 		d.Twin = r.Twin
 	}
+	d.Tags, d.IoTEdge, d.DataETag = r.Tags, r.IoTEdge, r.DataETag
+	for _, h := range s.cfg.Hubs {
+		if r.PreviousHub != "" && strings.EqualFold(h.Name, r.PreviousHub) {
+			d.PreviousHub = h.Name
+		}
+	}
 	return d, nil
 }
 
@@ -422,6 +430,8 @@ func (s *Server) HubDevice(ctx context.Context, hub, deviceID string) (*HubDevic
 //	PUT|GET|DELETE /enrollmentGroups/{id}
 //	POST /enrollmentGroups/{id}/attestationmechanism
 //	POST /registrations/{groupId}/query (also /enrollmentGroups/{id}/registrations/query)
+//	GET /certificates; PUT|GET|DELETE /certificates/{name}
+//	POST /certificates/{name}/generateVerificationCode and /verify (certificates.go)
 func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	trackingID := newTrackingID()
 	if r.URL.Path == dpsWebSocketPath {
@@ -440,6 +450,14 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case len(segs) == 1 && segs[0] == "metrics":
 		s.allow(w, r, trackingID, http.MethodGet, func() { s.serveMetrics(w, r) })
+	case len(segs) == 1 && is(segs[0], "certificates"):
+		s.allow(w, r, trackingID, http.MethodGet, func() { s.serveCertificates(w, r, trackingID) })
+	case len(segs) == 2 && is(segs[0], "certificates"):
+		s.serveCertificate(w, r, trackingID, segs[1])
+	case len(segs) == 3 && is(segs[0], "certificates") && is(segs[2], "generateVerificationCode"):
+		s.allow(w, r, trackingID, http.MethodPost, func() { s.generateVerificationCode(w, r, trackingID, segs[1]) })
+	case len(segs) == 3 && is(segs[0], "certificates") && is(segs[2], "verify"):
+		s.allow(w, r, trackingID, http.MethodPost, func() { s.verifyCertificate(w, r, trackingID, segs[1]) })
 	case len(segs) == 1 && (is(segs[0], "enrollments") || is(segs[0], "enrollmentGroups")):
 		s.allow(w, r, trackingID, http.MethodPost, func() { s.serveBulk(w, r, trackingID, is(segs[0], "enrollmentGroups")) })
 	case len(segs) == 2 && post && is(segs[0], "enrollments") && is(segs[1], "query"):

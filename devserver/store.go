@@ -14,6 +14,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	sqlite3 "github.com/mattn/go-sqlite3"
@@ -51,6 +52,9 @@ type store struct {
 	write *sql.DB // one connection: every write, serialized
 	read  *sql.DB // query-only connections
 	seal  cipher.AEAD
+	// groupsGen grows after every committed write to enrollment_groups,
+	// so that caches of groups (see groupKeys) know when to reload.
+	groupsGen atomic.Int64
 }
 
 // openStore opens (creating them if needed) the database and the data key
@@ -166,6 +170,14 @@ func dbError(op string, err error) error {
 }
 
 func encTime(t time.Time) string { return t.UTC().Format(timeLayout) }
+
+// nullJSON is a JSON column's value: NULL for no document.
+func nullJSON(v json.RawMessage) any {
+	if len(v) == 0 {
+		return nil
+	}
+	return string(v)
+}
 
 func decTime(s string) time.Time {
 	t, _ := time.Parse(timeLayout, s) // written by encTime
@@ -363,7 +375,11 @@ func (s *store) deleteRow(ctx context.Context, op, table, registrationID, ifMatc
 	if _, err := tx.ExecContext(ctx, `DELETE FROM `+table+` WHERE id = ?`, regKey(registrationID)); err != nil {
 		return dbError(op, err)
 	}
-	return dbError(op, tx.Commit())
+	err = tx.Commit()
+	if table == "enrollment_groups" {
+		s.groupsGen.Add(1)
+	}
+	return dbError(op, err)
 }
 
 // ---- TPM challenges ----
@@ -432,6 +448,20 @@ type registration struct {
 	// Thumbprints are the upper-case hex SHA-1 and SHA-256 thumbprints of
 	// the X.509 certificate of the last assignment; nil for SAS devices.
 	Thumbprints []string
+	// Tags are the twin tags of the initial twin (JSON object); nil for
+	// none. Twin holds its desired properties.
+	Tags json.RawMessage
+	// IoTEdge is the device's IoT Edge capability.
+	IoTEdge bool
+	// Payload is the data returned to the device with its assignment
+	// (registrationState.payload); nil for none.
+	Payload json.RawMessage
+	// DataETag changes whenever the device data (twin, capabilities) is
+	// set from the enrollment: at the first assignment and at a reset.
+	DataETag string
+	// PreviousHub is the hub the device data was migrated from by the
+	// last assignment; "" when it was not migrated.
+	PreviousHub string
 }
 
 // state returns the registration as the service API and the device API
@@ -448,20 +478,29 @@ func (r *registration) state() *dps.DeviceRegistrationState {
 		ErrorMessage:           r.ErrorMessage,
 		LastUpdatedDateTimeUTC: dps.Time{Time: r.Updated},
 		ETag:                   r.ETag,
+		Payload:                r.Payload,
 	}
 }
 
 const registrationColumns = `registration_id, status, substatus, error_code, error_message, assigned_hub,
-	device_id, device_key, twin, enabled, etag, created, updated, id, enrollment_group, thumbprints`
+	device_id, device_key, twin, enabled, etag, created, updated, id, enrollment_group, thumbprints,
+	tags, iot_edge, payload, data_etag, previous_hub`
 
 func (s *store) scanRegistration(row interface{ Scan(...any) error }) (*registration, error) {
 	var r registration
 	var key []byte
-	var twin sql.NullString
+	var twin, tags, payload sql.NullString
 	var created, updated, id, thumbprints string
 	if err := row.Scan(&r.RegistrationID, &r.Status, &r.Substatus, &r.ErrorCode, &r.ErrorMessage, &r.Hub,
-		&r.DeviceID, &key, &twin, &r.Enabled, &r.ETag, &created, &updated, &id, &r.Group, &thumbprints); err != nil {
+		&r.DeviceID, &key, &twin, &r.Enabled, &r.ETag, &created, &updated, &id, &r.Group, &thumbprints,
+		&tags, &r.IoTEdge, &payload, &r.DataETag, &r.PreviousHub); err != nil {
 		return nil, err
+	}
+	if tags.Valid {
+		r.Tags = json.RawMessage(tags.String)
+	}
+	if payload.Valid {
+		r.Payload = json.RawMessage(payload.String)
 	}
 	if thumbprints != "" {
 		r.Thumbprints = strings.Fields(thumbprints)
@@ -523,6 +562,9 @@ type operation struct {
 	Expires        time.Time
 	Group          string   // the lower-cased enrollment group the device attested through; "" for none
 	Thumbprints    []string // of the X.509 certificate the device registered with; nil for SAS
+	// Payload is the custom payload the device sent with its register
+	// (§1.3), for allocation; nil for none.
+	Payload json.RawMessage
 }
 
 // startOperation records a new registration attempt: the registration
@@ -530,9 +572,10 @@ type operation struct {
 // in the hub until this one ends) and the operation is created. Expired
 // operations are dropped on the way. Kinds: NotFound (the enrollment is
 // gone), Unavailable, Internal. group is the enrollment group the device
-// attested through ("" for an individual enrollment) and thumbprints those
-// of its X.509 certificate (nil for SAS).
-func (s *store) startOperation(ctx context.Context, opID, registrationID, group string, thumbprints []string, now, expires time.Time) error {
+// attested through ("" for an individual enrollment), thumbprints those
+// of its X.509 certificate (nil for SAS) and payload the custom payload of
+// its register (nil for none).
+func (s *store) startOperation(ctx context.Context, opID, registrationID, group string, thumbprints []string, payload json.RawMessage, now, expires time.Time) error {
 	const op = "start registration operation"
 	id := regKey(registrationID)
 	tx, err := s.write.BeginTx(ctx, nil)
@@ -556,8 +599,8 @@ func (s *store) startOperation(ctx context.Context, opID, registrationID, group 
 		return dbError(op, err)
 	}
 	_, err = tx.ExecContext(ctx,
-		`INSERT INTO operations (id, registration, status, created, expires, enrollment_group, thumbprints) VALUES (?, ?, ?, ?, ?, ?, ?)`,
-		opID, id, dps.StatusAssigning, encTime(now), encTime(expires), regKey(group), strings.Join(thumbprints, " "))
+		`INSERT INTO operations (id, registration, status, created, expires, enrollment_group, thumbprints, payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)`,
+		opID, id, dps.StatusAssigning, encTime(now), encTime(expires), regKey(group), strings.Join(thumbprints, " "), nullJSON(payload))
 	if err != nil {
 		return dbError(op, err)
 	}
@@ -569,13 +612,16 @@ func (s *store) startOperation(ctx context.Context, opID, registrationID, group 
 func (s *store) operation(ctx context.Context, opID string, now time.Time) (*operation, error) {
 	const op = "read registration operation"
 	var o operation
-	var result sql.NullString
+	var result, payload sql.NullString
 	var expires, thumbprints string
 	err := s.read.QueryRowContext(ctx,
-		`SELECT o.id, r.registration_id, o.status, o.result, o.expires, o.enrollment_group, o.thumbprints
+		`SELECT o.id, r.registration_id, o.status, o.result, o.expires, o.enrollment_group, o.thumbprints, o.payload
 		 FROM operations o JOIN registrations r ON r.id = o.registration WHERE o.id = ?`, opID).
-		Scan(&o.ID, &o.RegistrationID, &o.Status, &result, &expires, &o.Group, &thumbprints)
+		Scan(&o.ID, &o.RegistrationID, &o.Status, &result, &expires, &o.Group, &thumbprints, &payload)
 	if err == nil {
+		if payload.Valid {
+			o.Payload = json.RawMessage(payload.String)
+		}
 		if thumbprints != "" {
 			o.Thumbprints = strings.Fields(thumbprints)
 		}
@@ -643,16 +689,14 @@ func (s *store) finishOperation(ctx context.Context, opID string, r *registratio
 	if r.Key != nil {
 		key = s.sealValue(r.Key, "registration:"+id)
 	}
-	var twin any
-	if r.Twin != nil {
-		twin = string(r.Twin)
-	}
 	if r.Hub != "" {
 		_, err = tx.ExecContext(ctx,
 			`UPDATE registrations SET status = ?, substatus = ?, error_code = ?, error_message = ?, assigned_hub = ?,
-			   device_id = ?, device_key = ?, twin = ?, enabled = ?, etag = ?, updated = ?, thumbprints = ? WHERE id = ? AND operation = ?`,
+			   device_id = ?, device_key = ?, twin = ?, enabled = ?, etag = ?, updated = ?, thumbprints = ?,
+			   tags = ?, iot_edge = ?, payload = ?, data_etag = ?, previous_hub = ? WHERE id = ? AND operation = ?`,
 			r.Status, r.Substatus, r.ErrorCode, r.ErrorMessage, strings.ToLower(r.Hub),
-			r.DeviceID, key, twin, r.Enabled, r.ETag, encTime(r.Updated), strings.Join(r.Thumbprints, " "), id, opID)
+			r.DeviceID, key, nullJSON(r.Twin), r.Enabled, r.ETag, encTime(r.Updated), strings.Join(r.Thumbprints, " "),
+			nullJSON(r.Tags), r.IoTEdge, nullJSON(r.Payload), r.DataETag, strings.ToLower(r.PreviousHub), id, opID)
 	} else {
 		_, err = tx.ExecContext(ctx,
 			`UPDATE registrations SET status = ?, substatus = ?, error_code = ?, error_message = ?,

@@ -124,7 +124,9 @@ func (s *store) putGroup(ctx context.Context, g dps.EnrollmentGroup, ifMatch str
 	if err != nil {
 		return nil, dbError(op, err)
 	}
-	if err := tx.Commit(); err != nil {
+	err = tx.Commit()
+	s.groupsGen.Add(1) // after the commit: a reload now sees the write
+	if err != nil {
 		return nil, dbError(op, err)
 	}
 	g.ETag = etag

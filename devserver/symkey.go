@@ -83,13 +83,23 @@ func enrollmentKeys(e *dps.IndividualEnrollment) (primary, secondary []byte, err
 }
 
 // hubSecondaryKey returns the secondary IoT Hub key of a registration: the
-// secondary key of its symmetric-key enrollment, while that enrollment's
-// primary key is still the one the device registered with; nil otherwise.
+// secondary key of its symmetric-key enrollment (for a group: the key
+// derived from the group's secondary key), while that enrollment's primary
+// key is still the one the device registered with; nil otherwise.
 func (s *Server) hubSecondaryKey(ctx context.Context, r *registration) []byte {
 	if len(r.Key) == 0 {
 		return nil
 	}
-	e, err := s.db.enrollment(ctx, r.RegistrationID)
+	var e *dps.IndividualEnrollment
+	var err error
+	if r.Group != "" {
+		var g *dps.EnrollmentGroup
+		if g, err = s.db.group(ctx, r.Group); err == nil {
+			e = groupEnrollment(g, r.RegistrationID)
+		}
+	} else {
+		e, err = s.db.enrollment(ctx, r.RegistrationID)
+	}
 	if err != nil || !strings.EqualFold(e.Attestation.Type, dps.AttestationSymmetricKey) {
 		return nil
 	}

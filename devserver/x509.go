@@ -21,7 +21,8 @@ import (
 // first against the individual enrollment of that registration ID (the
 // enrolled certificate or its thumbprints), then by walking the presented
 // chain from the leaf up to the signing certificate of an X.509 enrollment
-// group, the most specific group winning. A disabled enrollment or group
+// group, or to a verified CA certificate a group names in caReferences,
+// the most specific group winning. A disabled enrollment or group
 // is answered with the "disabled" status at assignment, as for TPM and
 // symmetric keys. The device has no SAS key in its hub: the hub accepts
 // the thumbprints of the certificate it registered with.
@@ -98,7 +99,7 @@ func (s *Server) attestX509(ctx context.Context, d *deviceRequest, chain []*x509
 			d.registrationID, sha256Hex)
 	}
 	proof.group = g
-	d.enrollment, d.x509 = groupEnrollment(g, d.registrationID), proof
+	d.enrollment, d.x509, d.group = groupEnrollment(g, d.registrationID), proof, g
 	return nil
 }
 
@@ -161,20 +162,29 @@ func parseEnrolledCertificate(s string) (*x509.Certificate, error) {
 	return c, nil
 }
 
-// groupCA is one signing certificate of an X.509 enrollment group.
+// groupCA is one signing certificate of an X.509 enrollment group: one of
+// its signingCertificates, or a CA certificate its caReferences name.
 type groupCA struct {
 	group *dps.EnrollmentGroup
 	cert  *x509.Certificate
+	// caName is the name of the referenced CA certificate; "" for a
+	// signing certificate held by the group.
+	caName string
+	// verified is false for a referenced CA certificate whose proof of
+	// possession is still missing: it matches nothing.
+	verified bool
 }
 
 // matchGroup walks the presented chain from the leaf up and returns the
 // first X.509 enrollment group (by ID among those at the same level) whose
-// signing certificate signed the certificate reached, once the whole path
-// from the leaf verifies (signatures, validity, CA constraints); nil when
-// none does. Groups naming caReferences match nothing: this server has no
-// verified CA certificates yet.
+// signing certificate, or verified CA certificate named in caReferences,
+// signed the certificate reached, once the whole path from the leaf
+// verifies (signatures, validity, CA constraints); nil when none does. A
+// chain that leads only to a referenced CA certificate that is not
+// verified is refused with Unauthorized, saying so.
 func (s *Server) matchGroup(ctx context.Context, chain []*x509.Certificate, now time.Time) (*dps.EnrollmentGroup, error) {
 	var cas []groupCA
+	var certs map[string]*caCertificate // by lower-cased name, read at the first caReferences
 	for after := ""; ; {
 		page, err := s.db.listGroups(ctx, after, 100)
 		if err != nil {
@@ -183,15 +193,34 @@ func (s *Server) matchGroup(ctx context.Context, chain []*x509.Certificate, now 
 		for i := range page {
 			g := &page[i]
 			x := g.Attestation.X509
-			if !strings.EqualFold(g.Attestation.Type, dps.AttestationX509) || x == nil || x.SigningCertificates == nil {
+			if !strings.EqualFold(g.Attestation.Type, dps.AttestationX509) || x == nil {
 				continue
 			}
-			for _, c := range []*dps.X509CertificateWithInfo{x.SigningCertificates.Primary, x.SigningCertificates.Secondary} {
-				if c == nil || c.Certificate == "" {
-					continue
+			if x.SigningCertificates != nil {
+				for _, c := range []*dps.X509CertificateWithInfo{x.SigningCertificates.Primary, x.SigningCertificates.Secondary} {
+					if c == nil || c.Certificate == "" {
+						continue
+					}
+					if cert, err := parseEnrolledCertificate(c.Certificate); err == nil {
+						cas = append(cas, groupCA{group: g, cert: cert, verified: true})
+					}
 				}
-				if cert, err := parseEnrolledCertificate(c.Certificate); err == nil {
-					cas = append(cas, groupCA{group: g, cert: cert})
+			}
+			if x.CAReferences != nil {
+				if certs == nil {
+					list, err := s.db.listCertificates(ctx)
+					if err != nil {
+						return nil, err
+					}
+					certs = map[string]*caCertificate{}
+					for _, c := range list {
+						certs[regKey(c.Name)] = c
+					}
+				}
+				for _, name := range []string{x.CAReferences.Primary, x.CAReferences.Secondary} {
+					if c := certs[regKey(name)]; name != "" && c != nil {
+						cas = append(cas, groupCA{group: g, cert: c.Cert, caName: c.Name, verified: c.Verified})
+					}
 				}
 			}
 		}
@@ -200,15 +229,29 @@ func (s *Server) matchGroup(ctx context.Context, chain []*x509.Certificate, now 
 		}
 		after = regKey(page[len(page)-1].EnrollmentGroupID)
 	}
-	if len(cas) == 0 {
-		return nil, nil
+	if ca := walkChain(chain, cas, now, true); ca != nil {
+		return ca.group, nil
 	}
+	if ca := walkChain(chain, cas, now, false); ca != nil {
+		return nil, station.Errorf("attest X.509 device", station.KindUnauthorized,
+			"the certificate chain of %q leads to CA certificate %q, which enrollment group %q references but which is not verified: generate its verification code and post a certificate with that CN signed by the CA (POST /certificates/%s/generateVerificationCode, then /verify)",
+			chain[0].Subject.CommonName, ca.caName, ca.group.EnrollmentGroupID, ca.caName)
+	}
+	return nil, nil
+}
+
+// walkChain walks the presented chain from the leaf up and returns the
+// first of cas whose verified flag is verified and whose certificate
+// signed the certificate reached, with the whole path from the leaf
+// verifying at now; nil when none does.
+func walkChain(chain []*x509.Certificate, cas []groupCA, now time.Time, verified bool) *groupCA {
 	for i, cur := range chain {
 		if i > 0 && chain[i-1].CheckSignatureFrom(cur) != nil {
 			break // the rest is not the leaf's chain
 		}
-		for _, ca := range cas {
-			if cur.CheckSignatureFrom(ca.cert) != nil {
+		for j := range cas {
+			ca := &cas[j]
+			if ca.verified != verified || cur.CheckSignatureFrom(ca.cert) != nil {
 				continue
 			}
 			roots := x509.NewCertPool()
@@ -222,21 +265,26 @@ func (s *Server) matchGroup(ctx context.Context, chain []*x509.Certificate, now 
 				KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny},
 			})
 			if err == nil {
-				return ca.group, nil
+				return ca
 			}
 		}
 	}
-	return nil, nil
+	return nil
 }
 
 // groupEnrollment returns an enrollment group as the enrollment of one of
 // its devices: the group's attestation, allocation, twin, status and
 // reprovisioning, with the device ID left to default to the registration
-// ID (the CN for X.509, §6).
+// ID (the CN for X.509, §6). The symmetric keys of a symmetric-key group
+// become the device's derived keys (§5.2).
 func groupEnrollment(g *dps.EnrollmentGroup, registrationID string) *dps.IndividualEnrollment {
+	att := g.Attestation
+	if sk := att.SymmetricKey; sk != nil && strings.EqualFold(att.Type, dps.AttestationSymmetricKey) {
+		att.SymmetricKey = deriveGroupKeys(sk, registrationID)
+	}
 	return &dps.IndividualEnrollment{
 		RegistrationID:             registrationID,
-		Attestation:                g.Attestation,
+		Attestation:                att,
 		Capabilities:               g.Capabilities,
 		IoTHubHostName:             g.IoTHubHostName,
 		InitialTwin:                g.InitialTwin,
