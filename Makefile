@@ -97,7 +97,7 @@ lint: deps
 e2e: build
 	./scripts/e2e.sh
 	./scripts/e2e-node.sh
-	$(GO) test -tags stepca -count=1 -run RemoteStepCA ./pki/
+	$(GO) test -tags stepca -count=1 -run RemoteStepCA ./pki/ ./cmd/kiln/
 
 clean:
 	rm -rf $(BIN)
