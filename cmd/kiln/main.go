@@ -10,6 +10,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	_ "github.com/kilnworks/kiln/internal/fynelocale" // first: before Fyne reads the locale
 	"io"
 	"log/slog"
 	"os"
