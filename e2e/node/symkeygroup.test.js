@@ -80,6 +80,7 @@ async function main() {
     assert((r.status || rs.status) === 'assigned', `result ${JSON.stringify(r)}`);
     assert(rs.assignedHub && rs.deviceId === regId, `hub ${rs.assignedHub}, deviceId ${rs.deviceId}`);
     assert(rs.symmetricKey && rs.symmetricKey.enrollmentGroupId === groupId, `symmetricKey ${JSON.stringify(rs.symmetricKey)}`);
+    assert(rs.substatus === 'initialAssignment', `substatus ${rs.substatus}`);
     state.hub = rs.assignedHub;
     return `hub ${state.hub}; ${describe(exchangesFor(regId))}`;
   });
@@ -98,11 +99,13 @@ async function main() {
         await c.close().catch(() => {});
       }
     });
-    await runCase('dps: a key derived from the group secondary → assigned', async () => {
+    await runCase('dps: registering again with a key derived from the group secondary → assigned, reprovisionedToInitialAssignment', async () => {
       const r = await register(regId, deriveKey(state.secondary, regId));
       const rs = r.registrationState || r;
       assert((r.status || rs.status) === 'assigned' && rs.deviceId === regId, `result ${JSON.stringify(r)}`);
-      return `hub ${rs.assignedHub}`;
+      assert(rs.assignedHub === state.hub, `hub ${rs.assignedHub}, was ${state.hub}`);
+      assert(rs.substatus === 'reprovisionedToInitialAssignment', `substatus ${rs.substatus}`);
+      return `hub ${rs.assignedHub}, ${rs.substatus}`;
     });
     await runCase('service: getDeviceRegistrationState → assigned', async () => {
       const { responseBody: s } = await service.getDeviceRegistrationState(regId);
