@@ -8,6 +8,7 @@ import (
 	"errors"
 	"log/slog"
 	"net/http"
+	"slices"
 	"strings"
 	"time"
 
@@ -252,6 +253,11 @@ func (s *Server) startRegistration(ctx context.Context, d *deviceRequest, log *s
 		s.countRegistrationRefused(d, err)
 		return nil, err
 	}
+	csr, err := s.acceptCSR(d)
+	if err != nil {
+		s.countRegistrationRefused(d, err)
+		return nil, err
+	}
 	opID := newOperationID()
 	now := s.now()
 	var group string
@@ -268,6 +274,9 @@ func (s *Server) startRegistration(ctx context.Context, d *deviceRequest, log *s
 		}
 		s.countRegistrationRefused(d, err)
 		return nil, err
+	}
+	if csr != nil {
+		s.csrs.put(opID, csr)
 	}
 	s.countRegistrationAccepted(opID, d)
 	s.startAssignment(opID, d.trackingID)
@@ -439,6 +448,8 @@ func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) erro
 		Enabled:        true, // a failed attempt leaves an earlier assignment as it was
 	}
 	state := &dps.DeviceRegistrationState{}
+	var issued string
+	csr := s.csrs.take(opID)
 
 	switch {
 	case strings.EqualFold(e.ProvisioningStatus, dps.ProvisioningDisabled):
@@ -469,6 +480,20 @@ func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) erro
 			}
 		}
 		reg.Thumbprints = o.Thumbprints
+		if csr != nil {
+			regID := e.DeviceID
+			if regID == "" {
+				regID = e.RegistrationID
+			}
+			pemChain, tps, ae := s.issue(ctx, regID, csr)
+			if ae != nil {
+				reg.Status, reg.ErrorCode, reg.ErrorMessage = dps.StatusFailed, ae.code, ae.message
+				break
+			}
+			// The hub accepts the issued certificate as well as the one the
+			// device attested with.
+			issued, reg.Thumbprints = pemChain, append(slices.Clone(o.Thumbprints), tps...)
+		}
 		reg.Status = dps.StatusAssigned
 		reg.Hub = hub
 		reg.DeviceID = e.DeviceID
@@ -495,6 +520,7 @@ func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) erro
 
 	full := reg.state()
 	full.X509, full.SymmetricKey, full.TPM = state.X509, state.SymmetricKey, state.TPM
+	full.IssuedClientCertificate = issued
 	result, err := json.Marshal(full)
 	if err != nil {
 		return station.E("assign device", station.KindInternal, err)

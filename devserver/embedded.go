@@ -40,6 +40,9 @@ type EmbeddedConfig struct {
 	// ignored when Certificate is nil.
 	TrustPEM []byte
 	Logger   *slog.Logger
+	// Issuer, when set, issues certificates for the CSRs devices send with
+	// their registration (Config.Issuer).
+	Issuer CertificateIssuer
 }
 
 // Embedded is a running DPS and its hub.
@@ -81,6 +84,7 @@ func StartEmbedded(ctx context.Context, cfg EmbeddedConfig) (*Embedded, error) {
 		Hubs:       []LinkedHub{{Name: hubAddr, Weight: 1, ApplyAllocationPolicy: true}},
 		Logger:     cfg.Logger,
 		RetryAfter: cfg.RetryAfter,
+		Issuer:     cfg.Issuer,
 	})
 	if err != nil {
 		return nil, err

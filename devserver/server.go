@@ -87,6 +87,10 @@ type Config struct {
 	// Empty: no MQTT listener (MQTT over WebSockets on the HTTPS listener
 	// is served either way).
 	MQTTAddr string
+	// Issuer, when set, signs the CSRs devices send with their
+	// registration (clientCertificateCsr); without one such a registration
+	// is refused with DPS's "not configured" message.
+	Issuer CertificateIssuer
 }
 
 // Server is Kiln's embedded DPS: the HTTPS device API with TPM attestation,
@@ -103,6 +107,7 @@ type Server struct {
 	handler     http.Handler
 	metrics     metrics       // the counters of GET /metrics (metrics.go)
 	groupKeys   groupKeyCache // symmetric-key groups with decoded keys (symkey_group.go)
+	csrs        pendingCSRs   // CSRs awaiting their assignment (issuance.go)
 
 	// Assignment workers: one goroutine per pending operation, stopped by
 	// cancel and awaited by Close.

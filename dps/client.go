@@ -71,6 +71,18 @@ type DeviceClient struct {
 	// "challenge", "activated", "assigning", "assigned" (or the final
 	// status), with a detail for a person that holds no secret.
 	Progress func(stage, detail string)
+	// CSR, when set, is a PKCS#10 request (DER) sent with the registration
+	// as clientCertificateCsr: a DPS that issues certificates answers with
+	// the issued chain in DeviceRegistrationState.IssuedClientCertificate.
+	CSR []byte
+}
+
+// csr returns the clientCertificateCsr of c's registrations.
+func (c *DeviceClient) csr() string {
+	if len(c.CSR) == 0 {
+		return ""
+	}
+	return base64.StdEncoding.EncodeToString(c.CSR)
 }
 
 // NewTLSClient returns an HTTP client that trusts the PEM certificates in

@@ -34,7 +34,7 @@ func (c *DeviceClient) RegisterSymmetricKey(ctx context.Context, regID string, k
 	if len(key) == 0 {
 		return nil, station.Errorf(op, station.KindInvalid, "no device key: write the enrollment's symmetric key into the device's provisioning config")
 	}
-	body, err := json.Marshal(DeviceRegistration{RegistrationID: regID, Payload: payload})
+	body, err := json.Marshal(DeviceRegistration{RegistrationID: regID, Payload: payload, ClientCertificateCSR: c.csr()})
 	if err != nil {
 		return nil, station.Errorf(op, station.KindInvalid, "the custom payload is not JSON: %w", err)
 	}

@@ -53,7 +53,7 @@ func (c *DeviceClient) RegisterX509(ctx context.Context, regID string, cert tls.
 	if err != nil {
 		return nil, err
 	}
-	body, err := json.Marshal(DeviceRegistration{RegistrationID: regID, Payload: payload})
+	body, err := json.Marshal(DeviceRegistration{RegistrationID: regID, Payload: payload, ClientCertificateCSR: c.csr()})
 	if err != nil {
 		return nil, station.Errorf(op, station.KindInvalid, "the custom payload is not JSON: %w", err)
 	}

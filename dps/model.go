@@ -119,6 +119,9 @@ type DeviceRegistrationState struct {
 	ETag                   string                          `json:"etag,omitempty"`
 	// Payload is data a custom allocation webhook returned for the device.
 	Payload json.RawMessage `json:"payload,omitempty"`
+	// IssuedClientCertificate is the certificate chain (PEM, leaf first)
+	// issued for the clientCertificateCsr the device sent.
+	IssuedClientCertificate string `json:"issuedClientCertificate,omitempty"`
 }
 
 // X509RegistrationResult is the x509 part of a registration state: empty

@@ -18,6 +18,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/kilnworks/kiln/devserver"
 	"github.com/kilnworks/kiln/pki"
 	"github.com/kilnworks/kiln/station"
 )
@@ -608,4 +609,27 @@ func caExport(ctx context.Context, e *env, c *config, args []string) error {
 		return err
 	}
 	return os.WriteFile(*out, b.Bytes(), 0o644)
+}
+
+// dpsIssuer is the station CA as the embedded DPS's certificate issuer:
+// devices that send a CSR with their registration get a leaf for their
+// registration ID.
+type dpsIssuer struct{ station.Issuer }
+
+var _ devserver.CertificateIssuer = dpsIssuer{}
+
+func (d dpsIssuer) IssueDeviceCertificate(ctx context.Context, regID string, csr []byte) ([]*x509.Certificate, error) {
+	out, err := d.Issue(ctx, station.IssueRequest{CSR: csr, RegistrationID: regID, Operator: "dps-registration"})
+	if err != nil {
+		return nil, err
+	}
+	chain := make([]*x509.Certificate, 0, len(out.Chain))
+	for _, der := range out.Chain {
+		c, err := x509.ParseCertificate(der)
+		if err != nil {
+			return nil, station.E("issue device certificate", station.KindInternal, err)
+		}
+		chain = append(chain, c)
+	}
+	return chain, nil
 }

@@ -267,3 +267,39 @@ func TestStationIssuerRefusesBadCSRs(t *testing.T) {
 		}
 	}
 }
+
+// The station CA behind the embedded DPS's certificate issuance (kiln serve
+// --issue-certs): a CSR for the registration ID gets a leaf and the
+// intermediate; one for another ID is refused.
+func TestDPSIssuer(t *testing.T) {
+	home := t.TempDir()
+	c, err := loadConfig(&env{getenv: func(k string) string {
+		if k == "KILN_HOME" {
+			return home
+		}
+		return ""
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	iss, closeFn, err := openIssuer(t.Context(), &env{stdout: &bytes.Buffer{}, stderr: &bytes.Buffer{}, getenv: func(string) string { return "" }}, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeFn()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{Subject: pkix.Name{CommonName: "dev-7"}}, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	chain, err := dpsIssuer{iss}.IssueDeviceCertificate(t.Context(), "dev-7", csr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(chain) != 2 || chain[0].Subject.CommonName != "dev-7" || chain[0].CheckSignatureFrom(chain[1]) != nil || !bytes.Equal(chain[1].Raw, iss.SigningCertificate()) {
+		t.Errorf("chain of %d: leaf %v", len(chain), chain[0].Subject)
+	}
+	if _, err := (dpsIssuer{iss}).IssueDeviceCertificate(t.Context(), "dev-8", csr); station.KindOf(err) != station.KindInvalid {
+		t.Errorf("a CSR for another registration ID: %v", err)
+	}
+}

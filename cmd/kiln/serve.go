@@ -25,8 +25,17 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	fs.StringVar(&o.tlsCert, "tls-cert", "", "PEM certificate (with its chain) to serve instead of one made at start")
 	fs.StringVar(&o.tlsKey, "tls-key", "", "PEM key of --tls-cert")
 	asJSON := fs.Bool("json", false, "print the endpoints as one JSON object")
+	issue := fs.Bool("issue-certs", false, "answer the CSRs devices send with their registration (clientCertificateCsr) with certificates from the station CA (kiln ca)")
 	if err := parse(fs, args, false); err != nil {
 		return err
+	}
+	if *issue {
+		iss, closeCA, err := openIssuer(ctx, e, c)
+		if err != nil {
+			return err
+		}
+		defer closeCA()
+		o.issuer = dpsIssuer{iss}
 	}
 	if *dir == "" {
 		*dir = filepath.Join(c.Home, "devserver")
