@@ -68,6 +68,7 @@ type Slot struct {
 	awaitRemoval bool
 	removal      int
 	run          *station.Run // the last finished run
+	variant      string       // the product variant of the scanned serial
 	content      fyne.CanvasObject
 }
 
@@ -233,6 +234,10 @@ func (sl *Slot) submit(text string) {
 		sl.Scan.SetText("")
 		sl.note(fmt.Sprintf("%q is not a serial number of this product (format %s): rescan the unit's label.", text, u.serialPattern))
 		return
+	case text != "" && len(u.cfg.Variants) > 0 && VariantOf(u.cfg.Variants, text) == "":
+		sl.Scan.SetText("")
+		sl.note(fmt.Sprintf("%q is no known variant's serial (prefixes %s): rescan the unit's label, or set the unit aside.", text, prefixes(u.cfg.Variants)))
+		return
 	}
 	sl.startRun(station.Request{Port: sl.port(), Serial: text, Operator: strings.TrimSpace(u.OperatorName())})
 }
@@ -253,7 +258,12 @@ func (sl *Slot) startRun(req station.Request) {
 	if serial == "" {
 		serial = "(serial from the DUT)"
 	}
-	sl.paint(colorRunning, colorWhite, "RUNNING", serial, "Leave the unit connected", "")
+	sl.variant = VariantOf(u.cfg.Variants, req.Serial)
+	headline := "Leave the unit connected"
+	if sl.variant != "" {
+		headline = sl.variant + " · " + headline
+	}
+	sl.paint(colorRunning, colorWhite, "RUNNING", serial, headline, "")
 	sl.current.Text = "Starting…"
 	sl.current.Refresh()
 	sl.detail.SetText("")
@@ -354,7 +364,11 @@ func (sl *Slot) finish(r *station.Run, err error) {
 	}
 	if v.Title == "PASS" {
 		sl.state = slotPassed
-		sl.paint(colorPass, colorWhite, "PASS", serial, v.Headline, fmt.Sprintf("%.1f s · run %d · registration ID %s", r.Duration().Seconds(), r.ID, r.RegistrationID))
+		detail := fmt.Sprintf("%.1f s · run %d · registration ID %s", r.Duration().Seconds(), r.ID, r.RegistrationID)
+		if sl.variant != "" {
+			detail = sl.variant + " · " + detail
+		}
+		sl.paint(colorPass, colorWhite, "PASS", serial, v.Headline, detail)
 		sl.current.Text = "Done: scan the next unit"
 		if u.cfg.Simulator != nil && sl.index == 0 {
 			sl.note("Simulation: this DUT is provisioned now, and a unit is provisioned once. Press New simulated DUT for another one.")
@@ -567,4 +581,28 @@ func (sl *Slot) StepDurations() map[string]string {
 		m[n] = r.dur.Text
 	}
 	return m
+}
+
+// Variant returns the product variant of the slot's last scanned serial
+// ("" when none is configured or nothing was scanned).
+func (sl *Slot) Variant() string { return sl.variant }
+
+// VariantOf returns the model of the variant whose prefix serial has (the
+// longest such prefix), or "".
+func VariantOf(vs []Variant, serial string) string {
+	best, model := -1, ""
+	for _, v := range vs {
+		if strings.HasPrefix(serial, v.Prefix) && len(v.Prefix) > best {
+			best, model = len(v.Prefix), v.Model
+		}
+	}
+	return model
+}
+
+func prefixes(vs []Variant) string {
+	var p []string
+	for _, v := range vs {
+		p = append(p, v.Prefix)
+	}
+	return strings.Join(p, ", ")
 }
