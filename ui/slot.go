@@ -79,7 +79,9 @@ type stepRow struct {
 	box  fyne.CanvasObject
 }
 
-func newSlot(s *Station, index int, port string) *Slot {
+// newSlot builds slot index of n. One slot shows its steps beside the
+// result; several side by side show them under it, with smaller type.
+func newSlot(s *Station, index, n int, port string) *Slot {
 	u := s.u
 	sl := &Slot{s: s, index: index}
 	sl.Port = widget.NewSelectEntry(nil)
@@ -114,9 +116,13 @@ func newSlot(s *Station, index int, port string) *Slot {
 
 	sl.resultBG = canvas.NewRectangle(colorIdle)
 	sl.resultBG.CornerRadius = 6
-	sl.verdict = bigText("", 96, colorInk, true)
+	verdictSize, serialSize := float32(96), float32(40)
+	if n > 1 {
+		verdictSize, serialSize = 64, 28
+	}
+	sl.verdict = bigText("", verdictSize, colorInk, true)
 	sl.verdict.Alignment = fyne.TextAlignCenter
-	sl.serial = bigText("", 40, colorInk, true)
+	sl.serial = bigText("", serialSize, colorInk, true)
 	sl.serial.Alignment = fyne.TextAlignCenter
 	sl.headline = bigText("", 24, colorInk, true)
 	sl.headline.Alignment = fyne.TextAlignCenter
@@ -140,7 +146,13 @@ func newSlot(s *Station, index int, port string) *Slot {
 	steps := container.NewBorder(container.NewVBox(heading("Step"), sl.current, sl.detail, sl.progress), nil, nil, nil, container.NewVScroll(sl.stepsBox))
 
 	top := container.NewVBox(header, scanRow, sl.scanNote)
-	sl.content = container.NewBorder(top, nil, nil, sized(steps, 340), result)
+	if n > 1 {
+		split := container.NewVSplit(result, steps)
+		split.Offset = 0.45
+		sl.content = container.NewBorder(top, nil, nil, nil, split)
+	} else {
+		sl.content = container.NewBorder(top, nil, nil, sized(steps, 340), result)
+	}
 	sl.showReady()
 	return sl
 }

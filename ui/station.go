@@ -59,7 +59,7 @@ func newStation(u *UI) *Station {
 	}
 	var tiles []fyne.CanvasObject
 	for i, p := range ports {
-		sl := newSlot(s, i, p)
+		sl := newSlot(s, i, len(ports), p)
 		s.Slots = append(s.Slots, sl)
 		tiles = append(tiles, sl.content)
 	}
