@@ -181,8 +181,11 @@ func newBatches(u *UI) *BatchesScreen {
 			row.Objects[2].(*widget.Label).SetText(units(bt.Units))
 		})
 	b.list.OnSelected = func(i widget.ListItemID) {
-		if i >= 0 && i < len(b.batches) {
-			b.Select(b.batches[i].ID)
+		if i < 0 || i >= len(b.batches) {
+			return
+		}
+		if id := b.batches[i].ID; id != b.want || b.selected == nil || b.selected.ID != id {
+			b.Select(id)
 		}
 	}
 
@@ -337,6 +340,7 @@ func (b *BatchesScreen) Select(id int64) {
 				if x.ID == bt.ID {
 					b.batches[i] = bt
 					b.list.RefreshItem(i)
+					b.list.Select(i) // highlighted, also when picked by the program
 				}
 			}
 			b.show()

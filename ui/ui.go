@@ -346,7 +346,9 @@ func (u *UI) pickRole() {
 		u.Password.SetText("")
 		u.loginBox.Show()
 		u.note("Enter the supervisor password.")
-		if c := fyne.CurrentApp().Driver().CanvasForObject(u.Password); c != nil {
+		// The password field was hidden until now: find the canvas through
+		// the role picker, which is shown.
+		if c := fyne.CurrentApp().Driver().CanvasForObject(u.Role); c != nil {
 			c.Focus(u.Password)
 		}
 	} else {
@@ -412,6 +414,7 @@ func (u *UI) login() {
 			u.loginBox.Hide()
 			u.note("")
 			u.roleChanged()
+			u.Station.focusScan() // the scanner types into the scan field again
 		})
 	})
 }
