@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"image/color"
+	"slices"
 	"strings"
 	"time"
 
@@ -69,6 +70,7 @@ type Slot struct {
 	removal      int
 	run          *station.Run // the last finished run
 	variant      string       // the product variant of the scanned serial
+	portOptions  []string     // the ports the picker lists
 	content      fyne.CanvasObject
 }
 
@@ -184,6 +186,7 @@ func (sl *Slot) listPorts() {
 				}
 				opts = append(opts, o)
 			}
+			sl.portOptions = opts
 			sl.Port.SetOptions(opts)
 		})
 	})
@@ -618,3 +621,7 @@ func prefixes(vs []Variant) string {
 	}
 	return strings.Join(p, ", ")
 }
+
+// PortOptions returns the ports the picker lists, each with its
+// description.
+func (sl *Slot) PortOptions() []string { return slices.Clone(sl.portOptions) }

@@ -1,6 +1,9 @@
 package ui_test
 
 import (
+	"errors"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -70,5 +73,53 @@ func TestStationTwoSlotsInParallel(t *testing.T) {
 	l.until(t, 5*time.Second, "slot 1 PASS", func() bool { v, s := a.Verdict(); return v == "PASS" && s == "SN-000504" })
 	if v, _ := b.Verdict(); v != "FAIL" {
 		t.Errorf("slot 2 shows %s, want its FAIL until acknowledged", v)
+	}
+}
+
+// TestPortPicker: the slot lists the USB serial ports cmd/kiln found,
+// with their VID, PID and serial number; picking one runs the unit on its
+// path, and a typed path works as well. A listing that fails says so.
+func TestPortPicker(t *testing.T) {
+	p := &scripted{steps: station.TPMSteps, base: base(), started: make(chan station.Request, 2)}
+	u, _, l := newStation(t, p, func(c *ui.Config) {
+		c.Ports = []string{""}
+		c.ListPorts = func() ([]ui.Port, error) {
+			return []ui.Port{{Path: "/dev/ttyACM0", Description: "USB 2e8a:000a SN E6614103"}, {Path: "/dev/ttyUSB3"}}, nil
+		}
+	})
+	sl := u.Station.Slots[0]
+	l.until(t, 5*time.Second, "the ports listed", func() bool { return len(sl.PortOptions()) == 2 })
+	if want := []string{"/dev/ttyACM0  (USB 2e8a:000a SN E6614103)", "/dev/ttyUSB3"}; !slices.Equal(sl.PortOptions(), want) {
+		t.Errorf("options %q, want %q", sl.PortOptions(), want)
+	}
+	scan(sl.Scan, "SN-000701")
+	l.settle()
+	if !strings.Contains(sl.Note(), "Pick the slot's serial port") || len(p.started) != 0 {
+		t.Fatalf("a scan with no port: note %q", sl.Note())
+	}
+	sl.Port.SetText(sl.PortOptions()[0]) // what picking the option does
+	scan(sl.Scan, "SN-000701")
+	if req := <-p.started; req.Port != "/dev/ttyACM0" {
+		t.Errorf("run on port %q, want /dev/ttyACM0 (without the description)", req.Port)
+	}
+	l.until(t, 5*time.Second, "PASS", func() bool { v, _ := sl.Verdict(); return v == "PASS" })
+
+	sl.Port.SetText("/tmp/pty-custom ")
+	scan(sl.Scan, "SN-000702")
+	if req := <-p.started; req.Port != "/tmp/pty-custom" {
+		t.Errorf("run on port %q, want the typed /tmp/pty-custom", req.Port)
+	}
+	l.until(t, 5*time.Second, "PASS", func() bool { _, s := sl.Verdict(); return s == "SN-000702" })
+}
+
+func TestPortPickerListingFails(t *testing.T) {
+	p := &scripted{steps: station.TPMSteps, base: base()}
+	u, _, l := newStation(t, p, func(c *ui.Config) {
+		c.ListPorts = func() ([]ui.Port, error) { return nil, errors.New("permission denied on /dev") }
+	})
+	sl := u.Station.Slots[0]
+	l.until(t, 5*time.Second, "the note", func() bool { return strings.Contains(sl.Note(), "permission denied") })
+	if !strings.Contains(sl.Note(), "type the port's path") {
+		t.Errorf("note %q does not say what to do", sl.Note())
 	}
 }

@@ -525,6 +525,12 @@ func listPorts() ([]ui.Port, error) {
 	if err != nil {
 		return nil, err
 	}
+	return portChoices(ports), nil
+}
+
+// portChoices describes serial ports for the port picker: a USB port with
+// its VID, PID and serial number.
+func portChoices(ports []*enumerator.PortDetails) []ui.Port {
 	var out []ui.Port
 	for _, p := range ports {
 		desc := ""
@@ -536,7 +542,7 @@ func listPorts() ([]ui.Port, error) {
 		}
 		out = append(out, ui.Port{Path: p.Name, Description: desc})
 	}
-	return out, nil
+	return out
 }
 
 // saveExport writes an export into the data directory's exports folder.
