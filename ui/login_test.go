@@ -169,3 +169,35 @@ func TestHealthStatusTiles(t *testing.T) {
 		t.Errorf("outbox tile %q", s)
 	}
 }
+
+// slowPassword is a supervisor check that takes until release is closed,
+// as a KDF on a busy station PC does.
+type slowPassword struct{ release chan struct{} }
+
+func (p slowPassword) Supervisor(ctx context.Context, _, _ string) error {
+	select {
+	case <-p.release:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// TestLoginDoesNotBlock: the password check runs off the UI goroutine: while
+// it is in progress the operator can still scan and switch screens.
+func TestLoginDoesNotBlock(t *testing.T) {
+	pw := slowPassword{release: make(chan struct{})}
+	p := &scripted{steps: station.TPMSteps, base: base()}
+	u, _, l := newStation(t, p, func(c *ui.Config) { c.Auth = pw })
+	u.Role.SetSelected(string(ui.RoleSupervisor))
+	test.Type(u.Password, "kiln-supervisor-1")
+	within(t, 2*time.Second, "submitting the password", func() { u.Password.TypedKey(enter()) })
+	if u.LoginNote() != "Checking…" || !u.Login.Disabled() {
+		t.Errorf("during the check: note %q, Log in enabled %v", u.LoginNote(), !u.Login.Disabled())
+	}
+	sl := u.Station.Slots[0]
+	within(t, 2*time.Second, "a scan during the check", func() { scan(sl.Scan, "SN-000960") })
+	l.until(t, 5*time.Second, "PASS during the check", func() bool { v, _ := sl.Verdict(); return v == "PASS" })
+	close(pw.release)
+	l.until(t, 5*time.Second, "the login", func() bool { return u.CurrentRole() == ui.RoleSupervisor })
+}
