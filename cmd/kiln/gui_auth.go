@@ -27,8 +27,9 @@ import (
 // supervisor password's scrypt hash (never the password).
 const supervisorFile = "supervisor.json"
 
-// supervisorScryptN is the scrypt cost of new supervisor hashes: about
-// 100 ms on a station PC, once per login.
+// supervisorScryptN is the scrypt cost of new supervisor hashes: the
+// parameters the scrypt package recommends for interactive logins (N=2^15,
+// r=8, p=1).
 const supervisorScryptN = 1 << 15
 
 // passwordHash is the stored form of the supervisor password.
