@@ -22,6 +22,11 @@ Xvfb ":$DISPLAY_NUM" -screen 0 1280x800x24 -nolisten tcp >"$home/xvfb.log" 2>&1 
 pids+=($!)
 for _ in $(seq 50); do xdotool getdisplaygeometry >/dev/null 2>&1 && break; sleep 0.1; done
 
+# A supervisor password, so that the Settings and Batches screens can be
+# shown as a supervisor sees them.
+SUPERVISOR_PW=screenshot-supervisor
+printf '%s\n' "$SUPERVISOR_PW" | "$KILN" gui --set-supervisor-password >/dev/null
+
 "$KILN" gui --operator "Ana Silva" >"$home/kiln.log" 2>&1 &
 kiln_pid=$!
 pids+=($kiln_pid)
@@ -60,9 +65,31 @@ xdotool mousemove --window "$win" 300 195 click 1
 sleep 2
 shot records.png
 
-xdotool key --window "$win" alt+3
+xdotool key --window "$win" alt+4
 sleep 2
 shot devserver.png
+
+# Log in as a supervisor: pick the role, type the password.
+xdotool mousemove --window "$win" ${ROLE_X:-1200} ${ROLE_Y:-58} click 1
+sleep 1
+xdotool key --window "$win" Down Down Return 2>/dev/null || true
+sleep 1
+xdotool mousemove --window "$win" ${PASSWORD_X:-820} ${PASSWORD_Y:-58} click 1
+sleep 0.5
+xdotool type --window "$win" --delay 20 "$SUPERVISOR_PW"
+xdotool key --window "$win" Return
+sleep 2
+
+xdotool key --window "$win" alt+3
+sleep 2
+# Seal the open batch (the unit that passed is in it).
+xdotool mousemove --window "$win" ${SEAL_X:-560} ${SEAL_Y:-247} click 1
+sleep 2
+shot batches.png
+
+xdotool key --window "$win" alt+5
+sleep 2
+shot settings.png
 
 xdotool key --window "$win" alt+1
 sleep 1

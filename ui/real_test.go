@@ -24,6 +24,13 @@ import (
 // SQLite store.
 func realStation(t *testing.T, serial string, faults fixtures.DUTFaults) (*ui.UI, *loop, *sqlite.Store, string) {
 	t.Helper()
+	return realStationWith(t, serial, faults, nil)
+}
+
+// realStationWith is realStation with edit applied to the provisioner and
+// the GUI's configuration before the GUI is built.
+func realStationWith(t *testing.T, serial string, faults fixtures.DUTFaults, edit func(*station.Provisioner, *ui.Config, *sqlite.Store)) (*ui.UI, *loop, *sqlite.Store, string) {
+	t.Helper()
 	ctx := t.Context()
 	tpm, err := tpmsim.Open()
 	if err != nil {
@@ -54,7 +61,11 @@ func realStation(t *testing.T, serial string, faults fixtures.DUTFaults) (*ui.UI
 
 	test.NewTempApp(t)
 	l := newLoop()
-	u, err := ui.New(ui.Config{Provisioner: p, Records: store, Station: "ui-test", Ports: []string{dut.Path()}, Operator: "alice", Do: l.Do})
+	cfg := ui.Config{Provisioner: p, Records: store, Station: "ui-test", Ports: []string{dut.Path()}, Operator: "alice", Do: l.Do}
+	if edit != nil {
+		edit(p, &cfg, store)
+	}
+	u, err := ui.New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -122,4 +133,35 @@ func TestStationRealProvisionerDropOut(t *testing.T) {
 	if v, _ := sl.Verdict(); v != "READY" {
 		t.Errorf("after acknowledging: %s, want READY", v)
 	}
+}
+
+// TestRealUnitJoinsBatch: a unit that passes on the real provisioner joins
+// the open batch in SQLite, and the Batches screen shows it there; a
+// supervisor seals the batch.
+func TestRealUnitJoinsBatch(t *testing.T) {
+	u, l, store, _ := realStationWith(t, "SN-REAL-03", fixtures.DUTFaults{}, func(p *station.Provisioner, c *ui.Config, s *sqlite.Store) {
+		p.Batches = s
+		c.Batches = newBatchActions(s)
+		c.Role = ui.RoleSupervisor
+	})
+	sl := u.Station.Slots[0]
+	scan(sl.Scan, "SN-REAL-03")
+	l.until(t, 20*time.Second, "a verdict", func() bool { v, _ := sl.Verdict(); return v == "PASS" || v == "FAIL" })
+	if v, _ := sl.Verdict(); v != "PASS" {
+		_, reason := sl.Reason()
+		t.Fatalf("verdict %s: %s", v, reason)
+	}
+	b := u.Batches
+	u.Tabs.SelectIndex(2) // Station, Records, Batches
+	l.until(t, 5*time.Second, "the open batch", func() bool { return b.Selected() != nil })
+	bt := b.Selected()
+	if bt.State != station.BatchOpen || bt.Units != 1 {
+		t.Fatalf("batch shown %+v, want open with 1 unit", bt)
+	}
+	units, err := store.BatchUnits(t.Context(), bt.ID)
+	if err != nil || len(units) != 1 || units[0].Serial != "SN-REAL-03" {
+		t.Fatalf("the batch's units in the store: %v %+v", err, units)
+	}
+	test.Tap(b.Seal)
+	l.until(t, 5*time.Second, "sealed", func() bool { return b.Selected().State == station.BatchSealed })
 }

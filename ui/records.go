@@ -10,6 +10,7 @@ import (
 	"fyne.io/fyne/v2"
 	"fyne.io/fyne/v2/canvas"
 	"fyne.io/fyne/v2/container"
+	"fyne.io/fyne/v2/dialog"
 	"fyne.io/fyne/v2/theme"
 	"fyne.io/fyne/v2/widget"
 
@@ -28,8 +29,9 @@ type RecordsScreen struct {
 	// runs), and dates (2006-01-02) from and to (inclusive).
 	Serial, RegID, From, To *widget.Entry
 	Result                  *widget.Select
-	// Export writes the selected run's evidence through Config.Save.
-	Export *widget.Button
+	// Export writes the selected run's evidence through Config.Save;
+	// SaveAs asks where with a save dialog.
+	Export, SaveAs *widget.Button
 
 	status   *widget.Label
 	list     *widget.List
@@ -86,7 +88,9 @@ func newRecords(u *UI) *RecordsScreen {
 	if u.cfg.Save == nil {
 		rs.Export.Hide()
 	}
-	detail := container.NewBorder(nil, container.NewHBox(rs.Export), nil, nil,
+	rs.SaveAs = widget.NewButtonWithIcon("Save as…", theme.FolderOpenIcon(), rs.saveAs)
+	rs.SaveAs.Disable()
+	detail := container.NewBorder(nil, container.NewHBox(rs.Export, rs.SaveAs), nil, nil,
 		container.NewVScroll(container.NewVBox(rs.detail, heading("Steps"), rs.steps)))
 	split := container.NewHSplit(container.NewBorder(nil, rs.status, nil, nil, rs.list), detail)
 	split.Offset = 0.45
@@ -205,6 +209,7 @@ func (rs *RecordsScreen) showDetail() {
 		rs.steps.Objects = nil
 		rs.steps.Refresh()
 		rs.Export.Disable()
+		rs.SaveAs.Disable()
 		return
 	}
 	var b strings.Builder
@@ -253,6 +258,7 @@ func (rs *RecordsScreen) showDetail() {
 	rs.steps.Objects = rows
 	rs.steps.Refresh()
 	rs.Export.Enable()
+	rs.SaveAs.Enable()
 }
 
 // md escapes the characters Markdown would interpret.
@@ -290,7 +296,7 @@ func (rs *RecordsScreen) export() {
 		rs.status.SetText("The evidence could not be encoded: " + err.Error())
 		return
 	}
-	name := fmt.Sprintf("kiln-run-%d-%s.json", r.ID, fileSafe(r.Serial))
+	name := evidenceName(r)
 	u.goUI(func(ctx context.Context) {
 		where, err := u.cfg.Save(name, data)
 		u.cfg.Do(func() {
@@ -329,4 +335,61 @@ func setBadge(t *canvas.Text, r station.Result) {
 		t.Text, t.Color = "…", colorMuted
 	}
 	t.Refresh()
+}
+
+// evidenceName is the suggested file name of run r's evidence.
+func evidenceName(r *station.Run) string {
+	return fmt.Sprintf("kiln-run-%d-%s.json", r.ID, fileSafe(r.Serial))
+}
+
+// saveAs asks where to save the selected run's evidence with a save dialog.
+func (rs *RecordsScreen) saveAs() {
+	r := rs.selected
+	w := windowOf(rs.content)
+	if r == nil || w == nil {
+		return
+	}
+	d := dialog.NewFileSave(func(wc fyne.URIWriteCloser, err error) {
+		if err != nil {
+			rs.status.SetText("The save dialog failed (" + err.Error() + "): use Export evidence instead.")
+			return
+		}
+		if wc == nil {
+			return // cancelled
+		}
+		rs.SaveTo(wc)
+	}, w)
+	d.SetFileName(evidenceName(r))
+	d.Show()
+}
+
+// SaveTo writes the selected run's evidence to wc off the UI goroutine and
+// closes it.
+func (rs *RecordsScreen) SaveTo(wc fyne.URIWriteCloser) {
+	u := rs.u
+	r, unit := rs.selected, rs.unit
+	if r == nil {
+		wc.Close()
+		return
+	}
+	data, err := EvidenceJSON(r, unit, u.cfg.Now())
+	if err != nil {
+		wc.Close()
+		rs.status.SetText("The evidence could not be encoded: " + err.Error())
+		return
+	}
+	u.goUI(func(context.Context) {
+		_, err := wc.Write(data)
+		if cerr := wc.Close(); err == nil {
+			err = cerr
+		}
+		where := wc.URI().Path()
+		u.cfg.Do(func() {
+			if err != nil {
+				rs.status.SetText("The evidence was not saved to " + where + " (" + err.Error() + "): check the disk and try again.")
+				return
+			}
+			rs.status.SetText("Evidence of run " + fmt.Sprint(r.ID) + " saved to " + where)
+		})
+	})
 }

@@ -3,11 +3,14 @@ package ui_test
 import (
 	"context"
 	"encoding/json"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"fyne.io/fyne/v2/storage"
 	"fyne.io/fyne/v2/test"
 
 	"github.com/kilnworks/kiln/station"
@@ -94,5 +97,45 @@ func TestDevserverMasksKey(t *testing.T) {
 	test.Tap(d.Reveal)
 	if got := d.ConnectionString(); got != cs {
 		t.Errorf("revealed: %q", got)
+	}
+}
+
+// TestRecordsSaveAs: Save as… opens a save dialog over the window, and the
+// file picked there receives the run's evidence.
+func TestRecordsSaveAs(t *testing.T) {
+	recs := &memRecords{}
+	p := &scripted{steps: station.TPMSteps, base: base()}
+	u, w, l := newStation(t, p, func(c *ui.Config) { c.Records = recs })
+	r, _ := p.Provision(context.Background(), station.Request{Port: "/dev/ttyACM0", Serial: "SN-000411", Operator: "alice"})
+	r.ID = 7
+	recs.mu.Lock()
+	recs.runs = []*station.Run{r}
+	recs.mu.Unlock()
+	rs := u.Records
+	u.Tabs.SelectIndex(1)
+	if !rs.SaveAs.Disabled() {
+		t.Error("Save as… is enabled with no run shown")
+	}
+	rs.Show(7)
+	l.until(t, 5*time.Second, "the run's evidence", func() bool { return rs.Selected() != nil && !rs.SaveAs.Disabled() })
+	test.Tap(rs.SaveAs)
+	if w.Canvas().Overlays().Top() == nil {
+		t.Fatal("Save as… opened no dialog")
+	}
+
+	path := filepath.Join(t.TempDir(), "evidence.json")
+	wc, err := storage.Writer(storage.NewFileURI(path))
+	if err != nil {
+		t.Fatal(err)
+	}
+	rs.SaveTo(wc) // what the dialog does with the file picked
+	l.until(t, 5*time.Second, "saved", func() bool { return strings.Contains(rs.Status(), "saved to "+path) })
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ev ui.Evidence
+	if err := json.Unmarshal(data, &ev); err != nil || ev.Run.Serial != "SN-000411" || ev.Run.ID != 7 {
+		t.Errorf("saved evidence %v: %s", err, data)
 	}
 }

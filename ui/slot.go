@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"image/color"
+	"slices"
 	"strings"
 	"time"
 
@@ -68,6 +69,8 @@ type Slot struct {
 	awaitRemoval bool
 	removal      int
 	run          *station.Run // the last finished run
+	variant      string       // the product variant of the scanned serial
+	portOptions  []string     // the ports the picker lists
 	content      fyne.CanvasObject
 }
 
@@ -78,7 +81,9 @@ type stepRow struct {
 	box  fyne.CanvasObject
 }
 
-func newSlot(s *Station, index int, port string) *Slot {
+// newSlot builds slot index of n. One slot shows its steps beside the
+// result; several side by side show them under it, with smaller type.
+func newSlot(s *Station, index, n int, port string) *Slot {
 	u := s.u
 	sl := &Slot{s: s, index: index}
 	sl.Port = widget.NewSelectEntry(nil)
@@ -113,9 +118,13 @@ func newSlot(s *Station, index int, port string) *Slot {
 
 	sl.resultBG = canvas.NewRectangle(colorIdle)
 	sl.resultBG.CornerRadius = 6
-	sl.verdict = bigText("", 96, colorInk, true)
+	verdictSize, serialSize := float32(96), float32(40)
+	if n > 1 {
+		verdictSize, serialSize = 64, 28
+	}
+	sl.verdict = bigText("", verdictSize, colorInk, true)
 	sl.verdict.Alignment = fyne.TextAlignCenter
-	sl.serial = bigText("", 40, colorInk, true)
+	sl.serial = bigText("", serialSize, colorInk, true)
 	sl.serial.Alignment = fyne.TextAlignCenter
 	sl.headline = bigText("", 24, colorInk, true)
 	sl.headline.Alignment = fyne.TextAlignCenter
@@ -139,7 +148,13 @@ func newSlot(s *Station, index int, port string) *Slot {
 	steps := container.NewBorder(container.NewVBox(heading("Step"), sl.current, sl.detail, sl.progress), nil, nil, nil, container.NewVScroll(sl.stepsBox))
 
 	top := container.NewVBox(header, scanRow, sl.scanNote)
-	sl.content = container.NewBorder(top, nil, nil, sized(steps, 340), result)
+	if n > 1 {
+		split := container.NewVSplit(result, steps)
+		split.Offset = 0.45
+		sl.content = container.NewBorder(top, nil, nil, nil, split)
+	} else {
+		sl.content = container.NewBorder(top, nil, nil, sized(steps, 340), result)
+	}
 	sl.showReady()
 	return sl
 }
@@ -171,6 +186,7 @@ func (sl *Slot) listPorts() {
 				}
 				opts = append(opts, o)
 			}
+			sl.portOptions = opts
 			sl.Port.SetOptions(opts)
 		})
 	})
@@ -233,6 +249,10 @@ func (sl *Slot) submit(text string) {
 		sl.Scan.SetText("")
 		sl.note(fmt.Sprintf("%q is not a serial number of this product (format %s): rescan the unit's label.", text, u.serialPattern))
 		return
+	case text != "" && len(u.cfg.Variants) > 0 && VariantOf(u.cfg.Variants, text) == "":
+		sl.Scan.SetText("")
+		sl.note(fmt.Sprintf("%q is no known variant's serial (prefixes %s): rescan the unit's label, or set the unit aside.", text, prefixes(u.cfg.Variants)))
+		return
 	}
 	sl.startRun(station.Request{Port: sl.port(), Serial: text, Operator: strings.TrimSpace(u.OperatorName())})
 }
@@ -253,7 +273,12 @@ func (sl *Slot) startRun(req station.Request) {
 	if serial == "" {
 		serial = "(serial from the DUT)"
 	}
-	sl.paint(colorRunning, colorWhite, "RUNNING", serial, "Leave the unit connected", "")
+	sl.variant = VariantOf(u.cfg.Variants, req.Serial)
+	headline := "Leave the unit connected"
+	if sl.variant != "" {
+		headline = sl.variant + " · " + headline
+	}
+	sl.paint(colorRunning, colorWhite, "RUNNING", serial, headline, "")
 	sl.current.Text = "Starting…"
 	sl.current.Refresh()
 	sl.detail.SetText("")
@@ -354,7 +379,11 @@ func (sl *Slot) finish(r *station.Run, err error) {
 	}
 	if v.Title == "PASS" {
 		sl.state = slotPassed
-		sl.paint(colorPass, colorWhite, "PASS", serial, v.Headline, fmt.Sprintf("%.1f s · run %d · registration ID %s", r.Duration().Seconds(), r.ID, r.RegistrationID))
+		detail := fmt.Sprintf("%.1f s · run %d · registration ID %s", r.Duration().Seconds(), r.ID, r.RegistrationID)
+		if sl.variant != "" {
+			detail = sl.variant + " · " + detail
+		}
+		sl.paint(colorPass, colorWhite, "PASS", serial, v.Headline, detail)
 		sl.current.Text = "Done: scan the next unit"
 		if u.cfg.Simulator != nil && sl.index == 0 {
 			sl.note("Simulation: this DUT is provisioned now, and a unit is provisioned once. Press New simulated DUT for another one.")
@@ -568,3 +597,31 @@ func (sl *Slot) StepDurations() map[string]string {
 	}
 	return m
 }
+
+// Variant returns the product variant of the slot's last scanned serial
+// ("" when none is configured or nothing was scanned).
+func (sl *Slot) Variant() string { return sl.variant }
+
+// VariantOf returns the model of the variant whose prefix serial has (the
+// longest such prefix), or "".
+func VariantOf(vs []Variant, serial string) string {
+	best, model := -1, ""
+	for _, v := range vs {
+		if strings.HasPrefix(serial, v.Prefix) && len(v.Prefix) > best {
+			best, model = len(v.Prefix), v.Model
+		}
+	}
+	return model
+}
+
+func prefixes(vs []Variant) string {
+	var p []string
+	for _, v := range vs {
+		p = append(p, v.Prefix)
+	}
+	return strings.Join(p, ", ")
+}
+
+// PortOptions returns the ports the picker lists, each with its
+// description.
+func (sl *Slot) PortOptions() []string { return slices.Clone(sl.portOptions) }

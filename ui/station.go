@@ -59,7 +59,7 @@ func newStation(u *UI) *Station {
 	}
 	var tiles []fyne.CanvasObject
 	for i, p := range ports {
-		sl := newSlot(s, i, p)
+		sl := newSlot(s, i, len(ports), p)
 		s.Slots = append(s.Slots, sl)
 		tiles = append(tiles, sl.content)
 	}
@@ -332,9 +332,15 @@ func (s *Station) refreshHealth() {
 
 func (s *Station) probeHealth(ctx context.Context) {
 	errs := make([]error, len(s.health))
+	texts := make([]string, len(s.health))
 	for i, t := range s.health {
 		cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-		errs[i] = t.check.Check(cctx)
+		switch {
+		case t.check.Status != nil:
+			texts[i], errs[i] = t.check.Status(cctx)
+		case t.check.Check != nil:
+			errs[i] = t.check.Check(cctx)
+		}
 		cancel()
 	}
 	if ctx.Err() != nil {
@@ -343,7 +349,7 @@ func (s *Station) probeHealth(ctx context.Context) {
 	s.u.cfg.Do(func() {
 		var notes string
 		for i, t := range s.health {
-			t.show(errs[i])
+			t.show(texts[i], errs[i])
 			if errs[i] != nil {
 				notes += t.check.Name + ": " + errs[i].Error() + "\n"
 			}
@@ -368,6 +374,17 @@ func (s *Station) HealthAbnormal() []string {
 	return out
 }
 
+// HealthText returns what the health tile named name shows ("normal",
+// "PROBLEM", or its status text), and whether there is such a tile.
+func (s *Station) HealthText(name string) (string, bool) {
+	for _, t := range s.health {
+		if t.check.Name == name {
+			return t.state.Text, true
+		}
+	}
+	return "", false
+}
+
 // healthTile is grey when its part is normal and coloured when it is not.
 type healthTile struct {
 	check   HealthCheck
@@ -375,6 +392,7 @@ type healthTile struct {
 	name    *canvas.Text
 	state   *canvas.Text
 	err     error
+	text    string
 	content fyne.CanvasObject
 }
 
@@ -387,10 +405,14 @@ func newHealthTile(hc HealthCheck) *healthTile {
 	return t
 }
 
-func (t *healthTile) show(err error) {
+func (t *healthTile) show(text string, err error) {
 	t.err = err
+	t.text = text
 	var bg, fg color.Color = colorTile, colorInk
 	state := "normal"
+	if text != "" {
+		state = text
+	}
 	if err != nil {
 		bg, fg, state = colorWarn, colorInk, "PROBLEM"
 		if station.KindOf(err) != station.KindUnavailable {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"regexp"
+	"strings"
 	"sync"
 	"time"
 
@@ -48,10 +49,30 @@ type Simulator interface {
 }
 
 // HealthCheck is one station health tile. Check returns nil when the part
-// is normal, or an error that says what is wrong and what to do.
+// is normal, or an error that says what is wrong and what to do. Status,
+// when set, is used instead of Check and also returns what the tile shows
+// when the part is normal (e.g. "12 units queued"); Status or Check is
+// required.
 type HealthCheck struct {
-	Name  string
-	Check func(ctx context.Context) error
+	Name   string
+	Check  func(ctx context.Context) error
+	Status func(ctx context.Context) (string, error)
+}
+
+// Auth checks that an operator may act as a supervisor. cmd/kiln keeps the
+// supervisor password hashed with a key-derivation function.
+type Auth interface {
+	// Supervisor checks the supervisor password given by operator name.
+	// It may be slow (a KDF): it is called off the UI goroutine. Kinds:
+	// Unauthorized (a wrong password); NotFound (no supervisor password is
+	// set: the message says how to set one).
+	Supervisor(ctx context.Context, name, password string) error
+}
+
+// Variant is a product variant, recognised from its serial numbers' prefix.
+type Variant struct {
+	Prefix string // e.g. "GW2-"
+	Model  string // e.g. "Gateway GW-200"
 }
 
 // Port is a serial port offered by the port picker.
@@ -107,9 +128,21 @@ type Config struct {
 	Save func(name string, data []byte) (string, error)
 	// Settings, when set, adds the Settings screen (supervisor only).
 	Settings Settings
+	// Batches, when set, adds the Batches screen.
+	Batches BatchActions
+	// ExportDir is where the Batches screen suggests export files.
+	ExportDir string
+	// Auth, when set, guards the supervisor role with a password. Without
+	// it, picking the role is enough (tests, single-user benches).
+	Auth Auth
+	// Variants, when set, name the product variant of a scanned serial by
+	// its prefix, and a scan that matches none is refused.
+	Variants []Variant
 	Operator string // preset operator name
-	Role     Role   // preset role (default technician)
-	Now      func() time.Time
+	// Role is the preset role (default technician). A preset supervisor
+	// needs the password too when Auth is set.
+	Role Role
+	Now  func() time.Time
 	// ShiftStart is when the current shift began; zero: when the GUI
 	// started. When set, the shift's runs already in Records are counted
 	// (and charted) at start.
@@ -133,6 +166,7 @@ type UI struct {
 	Records   *RecordsScreen
 	Devserver *DevserverScreen
 	Settings  *SettingsScreen
+	Batches   *BatchesScreen
 
 	// serialPattern is the serial format scans are checked against; the
 	// Settings screen changes it. On the UI goroutine.
@@ -141,6 +175,17 @@ type UI struct {
 	Tabs     *container.AppTabs
 	Operator *widget.Entry
 	Role     *widget.Select
+	// Password takes the supervisor password when the supervisor role is
+	// picked (Auth set); Enter or Login checks it.
+	Password *widget.Entry
+	Login    *widget.Button
+
+	loginNote *widget.Label
+	loginBox  *fyne.Container
+	// super is set once the supervisor password was accepted, until the
+	// role or the operator changes. On the UI goroutine.
+	super    bool
+	checking bool // a password check is in progress
 }
 
 // New builds the GUI. Call Close when the window closes.
@@ -171,12 +216,23 @@ func New(cfg Config) (*UI, error) {
 	u.Operator.SetText(cfg.Operator)
 	u.Role = widget.NewSelect([]string{string(RoleTechnician), string(RoleSupervisor)}, nil)
 	u.Role.SetSelected(string(cfg.Role))
+	u.Password = widget.NewPasswordEntry()
+	u.Password.SetPlaceHolder("supervisor password")
+	u.Password.OnSubmitted = func(string) { u.login() }
+	u.Login = widget.NewButton("Log in", u.login)
+	u.loginNote = widget.NewLabel("")
+	u.loginBox = container.NewHBox(container.NewGridWrap(fyne.NewSize(220, u.Password.MinSize().Height), u.Password), u.Login, u.loginNote)
+	u.loginBox.Hide()
 
 	u.Station = newStation(u)
 	u.Tabs = container.NewAppTabs(container.NewTabItem("Station", u.Station.content))
 	if cfg.Records != nil {
 		u.Records = newRecords(u)
 		u.Tabs.Append(container.NewTabItem("Records", u.Records.content))
+	}
+	if cfg.Batches != nil {
+		u.Batches = newBatches(u)
+		u.Tabs.Append(container.NewTabItem("Batches", u.Batches.content))
 	}
 	if cfg.Devserver != nil {
 		u.Devserver = newDevserver(u)
@@ -194,18 +250,25 @@ func New(cfg Config) (*UI, error) {
 			u.Records.Search()
 		case t.Text == "Devserver" && u.Devserver != nil:
 			u.Devserver.Refresh()
+		case t.Text == "Batches" && u.Batches != nil:
+			u.Batches.Refresh()
 		}
 	}
-	u.Role.OnChanged = func(string) {
-		u.Station.roleChanged()
-		if u.Settings != nil {
-			u.Settings.roleChanged()
+	u.Role.OnChanged = func(string) { u.pickRole() }
+	u.Operator.OnChanged = func(string) {
+		if u.super {
+			// Someone else is at the station now: the supervisor is logged out.
+			u.super = false
+			u.Role.SetSelected(string(RoleTechnician))
 		}
+	}
+	if cfg.Role == RoleSupervisor && cfg.Auth != nil {
+		u.pickRole()
 	}
 
 	title := bigText("Kiln", 24, colorInk, true)
 	name := widget.NewLabel("station " + cfg.Station)
-	login := container.NewHBox(widget.NewLabel("Operator"), container.NewGridWrap(fyne.NewSize(220, u.Operator.MinSize().Height), u.Operator), u.Role)
+	login := container.NewHBox(widget.NewLabel("Operator"), container.NewGridWrap(fyne.NewSize(220, u.Operator.MinSize().Height), u.Operator), u.Role, u.loginBox)
 	header := container.NewBorder(nil, nil, container.NewHBox(title, name), login)
 	u.content = container.NewBorder(container.NewPadded(header), nil, nil, nil, u.Tabs)
 	u.Station.start()
@@ -251,7 +314,110 @@ func (u *UI) goUI(f func(ctx context.Context)) {
 	}()
 }
 
-func (u *UI) role() Role { return Role(u.Role.Selected) }
+// role is the operator's role in force: a supervisor only once the
+// password was accepted (when Auth is set).
+func (u *UI) role() Role {
+	r := Role(u.Role.Selected)
+	if r == RoleSupervisor && u.cfg.Auth != nil && !u.super {
+		return RoleTechnician
+	}
+	return r
+}
+
+// CurrentRole returns the operator's role in force.
+func (u *UI) CurrentRole() Role { return u.role() }
+
+// LoginNote returns the message beside the login, e.g. why a password was
+// refused.
+func (u *UI) LoginNote() string {
+	if !u.loginBox.Visible() {
+		return ""
+	}
+	return u.loginNote.Text
+}
+
+// LoginOpen reports whether the password field is shown.
+func (u *UI) LoginOpen() bool { return u.loginBox.Visible() }
+
+// pickRole follows the role picker: the supervisor role asks for the
+// password first (when Auth is set). On the UI goroutine.
+func (u *UI) pickRole() {
+	if Role(u.Role.Selected) == RoleSupervisor && u.cfg.Auth != nil && !u.super {
+		u.Password.SetText("")
+		u.loginBox.Show()
+		u.note("Enter the supervisor password.")
+		// The password field was hidden until now: find the canvas through
+		// the role picker, which is shown.
+		if c := fyne.CurrentApp().Driver().CanvasForObject(u.Role); c != nil {
+			c.Focus(u.Password)
+		}
+	} else {
+		if Role(u.Role.Selected) != RoleSupervisor {
+			u.super = false
+		}
+		u.Password.SetText("")
+		u.loginBox.Hide()
+		u.note("")
+	}
+	u.roleChanged()
+}
+
+func (u *UI) note(s string) { u.loginNote.SetText(s) }
+
+// roleChanged tells the screens that the role in force may have changed.
+func (u *UI) roleChanged() {
+	u.Station.roleChanged()
+	if u.Settings != nil {
+		u.Settings.roleChanged()
+	}
+	if u.Batches != nil {
+		u.Batches.roleChanged()
+	}
+}
+
+// login checks the supervisor password off the UI goroutine.
+func (u *UI) login() {
+	if u.cfg.Auth == nil || u.checking || Role(u.Role.Selected) != RoleSupervisor {
+		return
+	}
+	name := strings.TrimSpace(u.OperatorName())
+	pw := u.Password.Text
+	if name == "" {
+		u.note("Enter your name under Operator first.")
+		return
+	}
+	if pw == "" {
+		u.note("Enter the supervisor password.")
+		return
+	}
+	u.checking = true
+	u.Login.Disable()
+	u.note("Checking…")
+	u.goUI(func(ctx context.Context) {
+		err := u.cfg.Auth.Supervisor(ctx, name, pw)
+		u.cfg.Do(func() {
+			u.checking = false
+			u.Login.Enable()
+			u.Password.SetText("")
+			if Role(u.Role.Selected) != RoleSupervisor || strings.TrimSpace(u.OperatorName()) != name {
+				return // the operator changed their mind meanwhile
+			}
+			if err != nil {
+				msg := "Not logged in: " + err.Error()
+				if station.KindOf(err) == station.KindUnauthorized {
+					msg = "Wrong supervisor password: try again, or work as a technician."
+				}
+				u.note(msg)
+				return
+			}
+			u.super = true
+			u.loginBox.Hide()
+			u.note("")
+			u.roleChanged()
+			u.Station.focusScan() // the scanner types into the scan field again
+		})
+	})
+}
 
 // FocusScan puts the keyboard focus (the barcode wedge) on the first idle
 // slot's scan field. Call it once the content is in a window.

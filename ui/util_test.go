@@ -60,3 +60,5 @@ func scan(e *widget.Entry, s string) {
 	}
 	e.TypedKey(&fyne.KeyEvent{Name: fyne.KeyReturn})
 }
+
+func enter() *fyne.KeyEvent { return &fyne.KeyEvent{Name: fyne.KeyReturn} }

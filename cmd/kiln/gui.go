@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"sync"
 	"time"
 
@@ -29,13 +30,41 @@ func runGUI(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	fs := newFlags(e, "gui")
-	port := fs.String("port", "", "serial port of the DUT slot (default with --simulate: the simulated DUT's pty)")
+	port := fs.String("port", "", "serial ports of the DUT slots, comma-separated: one slot each (default with --simulate: the simulated DUT's pty)")
 	simulate := fs.Bool("simulate", true, "attach one simulated DUT (default true when no --port is given)")
 	operator := fs.String("operator", e.getenv("USER"), "operator name preset in the login field")
+	setPassword := fs.Bool("set-supervisor-password", false, "read a new supervisor password from standard input, store its scrypt hash in the data directory, and exit")
+	var variants []ui.Variant
+	fs.Func("variant", "a product variant as PREFIX=MODEL: serials starting with PREFIX are MODEL (repeatable; when given, other serials are refused)", func(v string) error {
+		prefix, model, ok := strings.Cut(v, "=")
+		if !ok || prefix == "" || model == "" {
+			return fmt.Errorf("--variant %q is not PREFIX=MODEL, e.g. GW2-=Gateway GW-200", v)
+		}
+		variants = append(variants, ui.Variant{Prefix: prefix, Model: model})
+		return nil
+	})
 	fs.IntVar(&c.Baud, "baud", c.Baud, "line rate of the serial port (8N1)")
 	c.profileFlags(fs)
 	if err := parse(fs, args, false); err != nil {
 		return err
+	}
+	authPath := filepath.Join(c.Home, supervisorFile)
+	if *setPassword {
+		pw, err := readNewPassword(os.Stdin, e.stderr)
+		if err != nil {
+			return err
+		}
+		if err := setSupervisorPassword(authPath, pw, 0); err != nil {
+			return err
+		}
+		fmt.Fprintf(e.stdout, "supervisor password set (scrypt hash in %s)\n", authPath)
+		return nil
+	}
+	var ports []string
+	for _, p := range strings.Split(*port, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			ports = append(ports, p)
+		}
 	}
 	if e.getenv("DISPLAY") == "" && e.getenv("WAYLAND_DISPLAY") == "" {
 		return fmt.Errorf("no display: the station GUI needs an X or Wayland session (DISPLAY is not set); on a machine without one, run make demo or kiln provision")
@@ -81,7 +110,15 @@ func runGUI(ctx context.Context, e *env, args []string) error {
 
 	live := &liveProvisioner{p: *p}
 	settings := newGUISettings(e, c, live, p.EndToEnd)
+	log := e.logger().With("component", "gui")
+	if sim != nil && len(variants) > 0 {
+		variants = append(variants, ui.Variant{Prefix: "SIM-", Model: "Simulated DUT"})
+	}
 	cfg := ui.Config{
+		Batches:       &guiBatches{store: p.Batches, log: log},
+		ExportDir:     filepath.Join(c.Home, "exports"),
+		Auth:          &guiAuth{path: authPath, log: log},
+		Variants:      variants,
 		Provisioner:   live,
 		Settings:      settings,
 		Records:       p.Store,
@@ -103,15 +140,30 @@ func runGUI(ctx context.Context, e *env, args []string) error {
 			return &ui.Unplug{Present: portPresent}
 		},
 	}
-	slotPort := func() string { return *port }
+	slotPorts := func() []string { return ports }
 	if sim != nil {
 		cfg.Simulator = sim
-		slotPort = func() string { p, _ := sim.DUT(); return p }
+		slotPorts = func() []string { p, _ := sim.DUT(); return []string{p} }
 	} else {
-		cfg.Ports = []string{*port}
+		cfg.Ports = ports
+		if len(ports) == 0 {
+			cfg.Ports = []string{""}
+		}
 	}
+	var dialer net.Dialer
 	cfg.Health = []ui.HealthCheck{
-		{Name: "DUT link", Check: func(context.Context) error { return checkPort(slotPort()) }},
+		{Name: "DUT link", Check: func(context.Context) error {
+			ps := slotPorts()
+			if len(ps) == 0 {
+				return checkPort("")
+			}
+			for _, p := range ps {
+				if err := checkPort(p); err != nil {
+					return err
+				}
+			}
+			return nil
+		}},
 		{Name: "TPM / CA", Check: func(context.Context) error {
 			pr := settings.Profile()
 			return checkRoots(pr.EKCertPolicy, pr.EKRoots)
@@ -121,6 +173,10 @@ func runGUI(ctx context.Context, e *env, args []string) error {
 			_, err := p.Store.Runs(ctx, station.RunFilter{Limit: 1})
 			return err
 		}},
+		{Name: "Cloud target", Status: func(ctx context.Context) (string, error) {
+			return cloudStatus(ctx, settings.production(), dialer.DialContext)
+		}},
+		{Name: "Outbox", Status: func(ctx context.Context) (string, error) { return outboxStatus(ctx, p.Batches) }},
 	}
 	if dpsd != nil {
 		cfg.Devserver = &devserverView{d: dpsd, store: p.Store}
@@ -343,6 +399,13 @@ func newGUISettings(e *env, c *config, live *liveProvisioner, x *station.EndToEn
 	return g
 }
 
+// production returns the production DPS in force (nil: none).
+func (g *guiSettings) production() *station.DeviceConfig {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.prod
+}
+
 func (g *guiSettings) Profile() ui.Profile {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -462,6 +525,12 @@ func listPorts() ([]ui.Port, error) {
 	if err != nil {
 		return nil, err
 	}
+	return portChoices(ports), nil
+}
+
+// portChoices describes serial ports for the port picker: a USB port with
+// its VID, PID and serial number.
+func portChoices(ports []*enumerator.PortDetails) []ui.Port {
 	var out []ui.Port
 	for _, p := range ports {
 		desc := ""
@@ -473,7 +542,7 @@ func listPorts() ([]ui.Port, error) {
 		}
 		out = append(out, ui.Port{Path: p.Name, Description: desc})
 	}
-	return out, nil
+	return out
 }
 
 // saveExport writes an export into the data directory's exports folder.
