@@ -36,7 +36,7 @@ func (p *password) Supervisor(_ context.Context, name, pw string) error {
 // settings; a new operator name logs the supervisor out.
 func TestLoginSupervisorPassword(t *testing.T) {
 	pw := &password{want: "kiln-supervisor-1"}
-	fs := &fakeSettings{p: ui.Profile{EKCertPolicy: station.EKCertOff, RegID: station.RegIDFromEK, Verify: "off"}}
+	fs := &fakeSettings{p: ui.Profile{Method: station.MethodTPM, EKCertPolicy: station.EKCertOff, RegID: station.RegIDFromEK, Verify: "off"}}
 	p := &scripted{steps: station.TPMSteps, base: base()}
 	u, _, l := newStation(t, p, func(c *ui.Config) {
 		c.Auth = pw

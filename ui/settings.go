@@ -15,6 +15,7 @@ import (
 
 // Profile is the part of the station profile the Settings screen edits.
 type Profile struct {
+	Method        station.Method       // tpm, x509 or symkey
 	EKCertPolicy  station.EKCertPolicy // require, warn or off
 	RegID         station.RegIDRule    // ek or serial
 	SerialPattern string               // regular expression a serial must match; empty: any
@@ -47,6 +48,7 @@ type SettingsScreen struct {
 	form    fyne.CanvasObject
 	locked  *widget.Label
 
+	Method             *widget.Select
 	EKCertPolicy       *widget.Select
 	RegID              *widget.Select
 	SerialPattern      *widget.Entry
@@ -61,6 +63,7 @@ type SettingsScreen struct {
 
 func newSettings(u *UI) *SettingsScreen {
 	s := &SettingsScreen{u: u}
+	s.Method = widget.NewSelect([]string{string(station.MethodTPM), string(station.MethodX509), string(station.MethodSymKey)}, nil)
 	s.EKCertPolicy = widget.NewSelect([]string{string(station.EKCertRequire), string(station.EKCertWarn), string(station.EKCertOff)}, nil)
 	s.RegID = widget.NewSelect([]string{string(station.RegIDFromEK), string(station.RegIDFromSerial)}, nil)
 	s.SerialPattern = widget.NewEntry()
@@ -77,6 +80,7 @@ func newSettings(u *UI) *SettingsScreen {
 	s.status.Wrapping = fyne.TextWrapWord
 
 	f := widget.NewForm(
+		widget.NewFormItem("Method", s.Method),
 		widget.NewFormItem("EK certificate", s.EKCertPolicy),
 		widget.NewFormItem("Registration ID", s.RegID),
 		widget.NewFormItem("Serial pattern", s.SerialPattern),
@@ -94,6 +98,7 @@ func newSettings(u *UI) *SettingsScreen {
 }
 
 func (s *SettingsScreen) load(p Profile) {
+	s.Method.SetSelected(string(p.Method))
 	s.EKCertPolicy.SetSelected(string(p.EKCertPolicy))
 	s.RegID.SetSelected(string(p.RegID))
 	s.SerialPattern.SetText(p.SerialPattern)
@@ -124,6 +129,7 @@ func (s *SettingsScreen) Status() string { return s.status.Text }
 // profile reads the form, or says what is wrong with it.
 func (s *SettingsScreen) profile() (Profile, *regexp.Regexp, error) {
 	p := Profile{
+		Method:             station.Method(s.Method.Selected),
 		EKCertPolicy:       station.EKCertPolicy(s.EKCertPolicy.Selected),
 		RegID:              station.RegIDRule(s.RegID.Selected),
 		SerialPattern:      strings.TrimSpace(s.SerialPattern.Text),
@@ -140,9 +146,9 @@ func (s *SettingsScreen) profile() (Profile, *regexp.Regexp, error) {
 		}
 	}
 	switch {
-	case p.EKCertPolicy == "" || p.RegID == "" || p.Verify == "":
-		return p, nil, fmt.Errorf("pick the EK certificate policy, the registration ID rule and the verification")
-	case p.EKCertPolicy != station.EKCertOff && p.EKRoots == "":
+	case p.Method == "" || p.EKCertPolicy == "" || p.RegID == "" || p.Verify == "":
+		return p, nil, fmt.Errorf("pick the method, the EK certificate policy, the registration ID rule and the verification")
+	case p.Method == station.MethodTPM && p.EKCertPolicy != station.EKCertOff && p.EKRoots == "":
 		return p, nil, fmt.Errorf("the EK certificate policy %s needs the EK roots folder", p.EKCertPolicy)
 	case (p.ProductionIDScope == "") != (p.ProductionEndpoint == ""):
 		return p, nil, fmt.Errorf("give both the production ID scope and the production endpoint, or neither")

@@ -64,7 +64,7 @@ func (p *policyProvisioner) policies() []station.EKCertPolicy {
 
 func newSettingsStation(t *testing.T, role ui.Role) (*ui.UI, *loop, *fakeSettings, *policyProvisioner) {
 	t.Helper()
-	fs := &fakeSettings{p: ui.Profile{EKCertPolicy: station.EKCertWarn, RegID: station.RegIDFromEK, EKRoots: "/data/ek-roots", Verify: "embedded"}}
+	fs := &fakeSettings{p: ui.Profile{Method: station.MethodTPM, EKCertPolicy: station.EKCertWarn, RegID: station.RegIDFromEK, EKRoots: "/data/ek-roots", Verify: "embedded"}}
 	sp := &scripted{steps: station.TPMSteps, base: base()}
 	pp := &policyProvisioner{scripted: sp, s: fs}
 	u, _, l := newStation(t, sp, func(c *ui.Config) {
@@ -150,5 +150,17 @@ func TestSettingsRefused(t *testing.T) {
 	l.until(t, 5*time.Second, "the refusal", func() bool { return strings.Contains(u.Settings.Status(), "no EK roots in missing") })
 	if fs.applied != 0 {
 		t.Errorf("applied %d times, want 0", fs.applied)
+	}
+}
+
+// TestSettingsMethod: a supervisor switches the station to the X.509
+// method; the profile applied names it.
+func TestSettingsMethod(t *testing.T) {
+	u, l, fs, _ := newSettingsStation(t, ui.RoleSupervisor)
+	u.Settings.Method.SetSelected(string(station.MethodX509))
+	test.Tap(u.Settings.Save)
+	l.until(t, 5*time.Second, "saved", func() bool { return strings.HasPrefix(u.Settings.Status(), "Saved") })
+	if got := fs.Profile(); got.Method != station.MethodX509 {
+		t.Errorf("applied method %q, want x509", got.Method)
 	}
 }

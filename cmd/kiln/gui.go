@@ -110,6 +110,7 @@ func runGUI(ctx context.Context, e *env, args []string) error {
 
 	live := &liveProvisioner{p: *p}
 	settings := newGUISettings(e, c, live, p.EndToEnd)
+	defer settings.Close()
 	log := e.logger().With("component", "gui")
 	if sim != nil && len(variants) > 0 {
 		variants = append(variants, ui.Variant{Prefix: "SIM-", Model: "Simulated DUT"})
@@ -381,13 +382,28 @@ type guiSettings struct {
 	mu   sync.Mutex        // serializes Apply; guards cur
 	cur  ui.Profile
 	prod *station.DeviceConfig
+	// issuer and symKey are opened when a method first needs them and
+	// kept for the session.
+	issuer  station.Issuer
+	symKey  *station.SymKeyGroup
+	closers []func()
+}
+
+// Close releases what the settings opened (the station CA).
+func (g *guiSettings) Close() {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, c := range g.closers {
+		c()
+	}
+	g.closers = nil
 }
 
 var _ ui.Settings = (*guiSettings)(nil)
 
 func newGUISettings(e *env, c *config, live *liveProvisioner, x *station.EndToEnd) *guiSettings {
 	g := &guiSettings{e: e, live: live, x: x, prod: c.Production, cur: ui.Profile{
-		EKCertPolicy: c.EKCertPolicy, RegID: c.RegID, SerialPattern: c.SerialPattern,
+		Method: c.Method, EKCertPolicy: c.EKCertPolicy, RegID: c.RegID, SerialPattern: c.SerialPattern,
 		EKRoots: c.EKRoots, Verify: c.Verify,
 	}}
 	if c.Verify == "embedded" && x == nil {
@@ -414,6 +430,11 @@ func (g *guiSettings) Profile() ui.Profile {
 
 func (g *guiSettings) Apply(ctx context.Context, pr ui.Profile) error {
 	const op = "settings"
+	switch pr.Method {
+	case station.MethodTPM, station.MethodX509, station.MethodSymKey:
+	default:
+		return station.Errorf(op, station.KindInvalid, "method %q is not tpm, x509 or symkey", pr.Method)
+	}
 	switch pr.EKCertPolicy {
 	case station.EKCertRequire, station.EKCertWarn, station.EKCertOff:
 	default:
@@ -431,7 +452,7 @@ func (g *guiSettings) Apply(ctx context.Context, pr ui.Profile) error {
 			return station.Errorf(op, station.KindInvalid, "the serial pattern %q is not a valid regular expression (%v)", pr.SerialPattern, err)
 		}
 	}
-	if pr.EKCertPolicy != station.EKCertOff {
+	if pr.Method == station.MethodTPM && pr.EKCertPolicy != station.EKCertOff {
 		if _, err := hsm.LoadRoots(pr.EKRoots); err != nil {
 			return station.Errorf(op, station.KindInvalid, "the EK roots folder %s cannot be read (%v): put the TPM makers' PEM certificates there, or set the EK certificate policy to off", pr.EKRoots, err)
 		}
@@ -447,6 +468,9 @@ func (g *guiSettings) Apply(ctx context.Context, pr ui.Profile) error {
 
 	g.mu.Lock()
 	defer g.mu.Unlock()
+	if err := g.openMethod(ctx, pr.Method); err != nil {
+		return err
+	}
 	var prod *station.DeviceConfig
 	if pr.ProductionIDScope != "" {
 		prod = &station.DeviceConfig{IDScope: pr.ProductionIDScope, GlobalEndpoint: pr.ProductionEndpoint}
@@ -462,6 +486,9 @@ func (g *guiSettings) Apply(ctx context.Context, pr ui.Profile) error {
 		return err
 	}
 	old := g.cur
+	if pr.Method != old.Method {
+		file.Method = pr.Method
+	}
 	if pr.EKCertPolicy != old.EKCertPolicy {
 		file.EKCertPolicy = pr.EKCertPolicy
 	}
@@ -485,7 +512,13 @@ func (g *guiSettings) Apply(ctx context.Context, pr ui.Profile) error {
 	}
 
 	g.live.update(func(p *station.Provisioner) {
-		p.Profile.EKCertPolicy, p.Profile.RegID = pr.EKCertPolicy, pr.RegID
+		p.Profile.Method, p.Profile.EKCertPolicy, p.Profile.RegID = pr.Method, pr.EKCertPolicy, pr.RegID
+		if g.issuer != nil {
+			p.Issuer = g.issuer
+		}
+		if g.symKey != nil {
+			p.SymKey = g.symKey
+		}
 		p.SerialPattern = re
 		if pr.EKRoots != old.EKRoots {
 			p.Verifier = rootsDir(pr.EKRoots)
@@ -556,4 +589,30 @@ func saveExport(c *config, name string, data []byte) (string, error) {
 		return "", err
 	}
 	return path, nil
+}
+
+// openMethod opens what method m needs that the running provisioner may
+// lack: the station CA for x509, the group key for symkey. Called with
+// g.mu held.
+func (g *guiSettings) openMethod(ctx context.Context, m station.Method) error {
+	c, err := loadConfig(g.e)
+	if err != nil {
+		return err
+	}
+	switch {
+	case m == station.MethodX509 && g.issuer == nil && g.live.current().Issuer == nil:
+		iss, closeFn, err := openIssuer(ctx, g.e, c)
+		if err != nil {
+			return station.E("settings", station.KindOf(err), fmt.Errorf("the X.509 method needs the station CA: %w", err))
+		}
+		g.issuer = iss
+		g.closers = append(g.closers, closeFn)
+	case m == station.MethodSymKey && g.symKey == nil && g.live.current().SymKey == nil:
+		k, err := openSymKeyGroup(ctx, g.e, c)
+		if err != nil {
+			return station.E("settings", station.KindOf(err), fmt.Errorf("the symmetric-key method needs the group key: %w", err))
+		}
+		g.symKey = k
+	}
+	return nil
 }
