@@ -124,9 +124,13 @@ func hashed(hubs []LinkedHub, registrationID string) LinkedHub {
 	return best
 }
 
-// checkHubs validates the configured linked hubs. Kinds: Invalid.
-func checkHubs(hubs []LinkedHub) error {
+// checkHubs validates the configured linked hubs, at most max of them
+// (zero: no limit). Kinds: Invalid.
+func checkHubs(hubs []LinkedHub, max int) error {
 	const op = "check linked hubs"
+	if max > 0 && len(hubs) > max {
+		return station.Errorf(op, station.KindInvalid, "%d linked hubs: the limit is %d; link fewer hubs, or raise the limit", len(hubs), max)
+	}
 	seen := map[string]bool{}
 	for _, h := range hubs {
 		name := strings.ToLower(h.Name)

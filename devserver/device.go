@@ -199,6 +199,10 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request, trackingID, sc
 	ctx := r.Context()
 	log := s.log.With("trackingId", trackingID, "registrationId", registrationID)
 	log.Debug("register", "apiVersion", r.URL.Query().Get("api-version"))
+	if err := s.throttleRegistration(); err != nil {
+		s.writeError(w, r, trackingID, err)
+		return
+	}
 	d, err := s.newDeviceRequest(ctx, r, trackingID, scope, registrationID, true)
 	if err != nil {
 		s.countRegistrationRefused(d, err)
@@ -271,6 +275,10 @@ func (s *Server) startRegistration(ctx context.Context, d *deviceRequest, log *s
 // the final state (§1.5).
 func (s *Server) poll(w http.ResponseWriter, r *http.Request, trackingID, scope, registrationID, opID string) {
 	ctx := r.Context()
+	if err := s.throttlePoll(registrationID); err != nil {
+		s.writeError(w, r, trackingID, err)
+		return
+	}
 	d, err := s.newDeviceRequest(ctx, r, trackingID, scope, registrationID, false)
 	if err != nil {
 		s.writeError(w, r, trackingID, err)
@@ -320,6 +328,10 @@ func (s *Server) operationStatus(ctx context.Context, d *deviceRequest, opID str
 // gets the challenge first, as for register.
 func (s *Server) lookup(w http.ResponseWriter, r *http.Request, trackingID, scope, registrationID string) {
 	ctx := r.Context()
+	if err := s.throttleRegistration(); err != nil {
+		s.writeError(w, r, trackingID, err)
+		return
+	}
 	d, err := s.newDeviceRequest(ctx, r, trackingID, scope, registrationID, true)
 	if err != nil {
 		s.writeError(w, r, trackingID, err)

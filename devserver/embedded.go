@@ -40,6 +40,9 @@ type EmbeddedConfig struct {
 	// ignored when Certificate is nil.
 	TrustPEM []byte
 	Logger   *slog.Logger
+	// Quotas are the DPS's limits and throttles (Config.Quotas); the zero
+	// value throttles nothing, as the station's line needs.
+	Quotas Quotas
 }
 
 // Embedded is a running DPS and its hub.
@@ -81,6 +84,7 @@ func StartEmbedded(ctx context.Context, cfg EmbeddedConfig) (*Embedded, error) {
 		Hubs:       []LinkedHub{{Name: hubAddr, Weight: 1, ApplyAllocationPolicy: true}},
 		Logger:     cfg.Logger,
 		RetryAfter: cfg.RetryAfter,
+		Quotas:     cfg.Quotas,
 	})
 	if err != nil {
 		return nil, err

@@ -98,7 +98,7 @@ func (s *Server) startMQTT(ctx context.Context, tc *tls.Config) error {
 	caps.TopicAliasMaximum = 0
 	caps.MaximumClientWritesPending = 64
 	caps.MaximumSessionExpiryInterval = 0
-	caps.MaximumPacketSize = maxBody + 16<<10 // the exact limit is checked in the hook
+	caps.MaximumPacketSize = uint32(s.cfg.Quotas.messageBytes() + 16<<10) // the exact limit is checked in the hook
 	m.srv = mqtt.New(&mqtt.Options{
 		Capabilities:           caps,
 		Logger:                 slog.New(minLevel{m.log.With("mqtt", "mochi").Handler(), slog.LevelWarn}),
@@ -296,22 +296,22 @@ func (k *dpsHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	return ok
 }
 
-// OnPacketRead disconnects a device that publishes more than DPS's 96 KB
-// message limit (§2.5) or with QoS 2.
+// OnPacketRead disconnects a device that publishes more than the message
+// limit (DPS's 96 KB, §2.5; Config.Quotas) or with QoS 2.
 func (k *dpsHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if pk.FixedHeader.Type != packets.Publish {
 		return pk, nil
 	}
 	reason := ""
 	switch {
-	case len(pk.Payload) > maxBody:
+	case len(pk.Payload) > k.m.s.cfg.Quotas.messageBytes():
 		reason = "message too large"
 	case pk.FixedHeader.Qos > 1:
 		reason = "QoS 2 is not supported"
 	default:
 		return pk, nil
 	}
-	k.m.log.Info("device disconnected", "reason", reason, "client", cl.ID, "bytes", len(pk.Payload), "max", maxBody)
+	k.m.log.Info("device disconnected", "reason", reason, "client", cl.ID, "bytes", len(pk.Payload), "max", k.m.s.cfg.Quotas.messageBytes())
 	return pk, packets.ErrRejectPacket
 }
 
@@ -448,6 +448,9 @@ func (m *dpsMQTT) serve(cl *mqtt.Client, sess *dpsSession, topic string, payload
 	switch {
 	case strings.HasPrefix(topic, dpsTopicRegister):
 		log.Debug("register", "apiVersion", sess.apiVersion)
+		if err = m.s.throttleRegistration(); err != nil {
+			break
+		}
 		if err = m.s.openDeviceRequest(ctx, d, sess.scope, sess.registrationID, payload); err == nil && d.body.TPM != nil {
 			err = station.Errorf("register device", station.KindInvalid,
 				"TPM attestation is not supported over MQTT: register TPM devices over HTTPS")
@@ -460,6 +463,9 @@ func (m *dpsMQTT) serve(cl *mqtt.Client, sess *dpsSession, topic string, payload
 		}
 	case strings.HasPrefix(topic, dpsTopicPoll):
 		// The body is ignored (Node sends " ", the C SDK the register JSON).
+		if err = m.s.throttlePoll(sess.registrationID); err != nil {
+			break
+		}
 		if err = m.s.openDeviceRequest(ctx, d, sess.scope, sess.registrationID, nil); err == nil {
 			status, st, err = m.s.operationStatus(ctx, d, parseBag(query)["operationId"])
 		}
@@ -484,7 +490,9 @@ func (m *dpsMQTT) serve(cl *mqtt.Client, sess *dpsSession, topic string, payload
 		return
 	}
 	res := dpsTopicResponse + strconv.Itoa(status) + "/?$rid=" + rid
-	if status == http.StatusAccepted || status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable {
+	if t := throttleOf(err); t != nil {
+		res += "&retry-after=" + retryAfter(t.wait)
+	} else if status == http.StatusAccepted || status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable {
 		res += "&retry-after=" + retryAfter(m.s.cfg.RetryAfter)
 	}
 	m.reply(cl, res, b)
@@ -575,7 +583,7 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request, tracking
 		m.log.Debug("WebSocket upgrade failed", "remote", r.RemoteAddr, "error", err)
 		return
 	}
-	ws.SetReadLimit(maxBody + 16<<10)
+	ws.SetReadLimit(int64(s.cfg.Quotas.messageBytes() + 16<<10))
 	c := &wsConn{ws: ws}
 	defer c.Close()
 	if !m.ws.track(c) {

@@ -23,6 +23,9 @@ type dpsOptions struct {
 	// (with its chain) and key the DPS and hub serve, instead of a TLS
 	// identity made at start.
 	tlsCert, tlsKey string
+	// quotas are the DPS's limits and throttles; the zero value (the
+	// station's) throttles nothing.
+	quotas devserver.Quotas
 }
 
 // embeddedDPS is the devserver and its embedded hub, running.
@@ -42,7 +45,7 @@ func startEmbeddedDPS(ctx context.Context, dir string, o dpsOptions, log *slog.L
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	cfg := devserver.EmbeddedConfig{DataDir: dir, Addr: o.addr, HubAddr: o.hubAddr, MQTTAddr: o.mqttAddr, IDScope: o.idScope, RetryAfter: o.retryAfter, Logger: log}
+	cfg := devserver.EmbeddedConfig{DataDir: dir, Addr: o.addr, HubAddr: o.hubAddr, MQTTAddr: o.mqttAddr, IDScope: o.idScope, RetryAfter: o.retryAfter, Logger: log, Quotas: o.quotas}
 	if o.tlsCert != "" || o.tlsKey != "" {
 		cert, err := tls.LoadX509KeyPair(o.tlsCert, o.tlsKey)
 		if err != nil {
