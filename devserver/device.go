@@ -54,6 +54,7 @@ type deviceRequest struct {
 	now            time.Time
 	idScope        string
 	x509           *x509Proof // what the TLS client certificate proved; nil without one
+	remote         string     // the client's address (host:port), for geoLatency allocation
 }
 
 // sas parses the request's Authorization header; nil when there is none.
@@ -116,7 +117,7 @@ func DecodeDeviceRegistration(body []byte, registrationID string) (*dps.DeviceRe
 // request and reads its body and enrollment. Kinds: Unauthorized (wrong
 // scope, no enrollment: DPS does not tell them apart), Invalid.
 func (s *Server) newDeviceRequest(ctx context.Context, r *http.Request, trackingID, scope, registrationID string, withBody bool) (*deviceRequest, error) {
-	d := &deviceRequest{r: r, transport: "https", authorization: r.Header.Get("Authorization"), tls: r.TLS, trackingID: trackingID}
+	d := &deviceRequest{r: r, transport: "https", authorization: r.Header.Get("Authorization"), tls: r.TLS, trackingID: trackingID, remote: r.RemoteAddr}
 	var body []byte
 	if withBody {
 		b, err := readBody(r)
@@ -265,6 +266,7 @@ func (s *Server) startRegistration(ctx context.Context, d *deviceRequest, log *s
 		return nil, err
 	}
 	s.countRegistrationAccepted(opID, d)
+	s.keepAllocationContext(opID, d)
 	s.startAssignment(opID, d.trackingID)
 	log.Info("registration accepted", "operationId", opID, "transport", d.transport)
 	return &dps.RegistrationOperationStatus{OperationID: opID, Status: dps.StatusAssigning}, nil
@@ -442,18 +444,23 @@ func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) erro
 		Enabled:        true, // a failed attempt leaves an earlier assignment as it was
 	}
 	state := &dps.DeviceRegistrationState{}
+	var payload json.RawMessage // a custom allocation webhook's, for the device
 
 	switch {
 	case strings.EqualFold(e.ProvisioningStatus, dps.ProvisioningDisabled):
 		reg.Status, reg.Enabled = dps.StatusDisabled, false
 		reg.ErrorCode, reg.ErrorMessage = dps.CodeUnauthorized, "The enrollment is disabled."
 	default:
-		hub, err := s.chooseHub(e, prev)
+		al, err := s.chooseHub(ctx, opID, e, groupID, prev)
 		var ae *allocationError
 		if errors.As(err, &ae) {
 			reg.Status, reg.ErrorCode, reg.ErrorMessage = dps.StatusFailed, ae.code, ae.message
 			break
 		}
+		if err != nil {
+			return err
+		}
+		hub := al.hub
 		a, err := s.attestationFor(e)
 		if err != nil {
 			return err
@@ -475,11 +482,16 @@ func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) erro
 		}
 		reg.Key = id.Key
 		reg.Twin = desired(e)
+		if al.twin != nil { // a webhook's initialTwin overrides the enrollment's (§8)
+			reg.Twin = al.twin
+		}
+		payload = al.payload
 		reg.Substatus = substatus(prev, hub, e)
 	}
 
 	full := reg.state()
 	full.X509, full.SymmetricKey, full.TPM = state.X509, state.SymmetricKey, state.TPM
+	full.Payload = payload
 	result, err := json.Marshal(full)
 	if err != nil {
 		return station.E("assign device", station.KindInternal, err)
@@ -492,17 +504,19 @@ func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) erro
 	return nil
 }
 
-// chooseHub allocates a hub, keeping the earlier one when the enrollment's
-// reprovision policy says not to update the hub assignment (§10).
-func (s *Server) chooseHub(e *dps.IndividualEnrollment, prev *registration) (string, error) {
+// chooseHub allocates a hub to operation opID (allocation_custom.go),
+// keeping the earlier one when the enrollment's reprovision policy says
+// not to update the hub assignment (§10).
+func (s *Server) chooseHub(ctx context.Context, opID string, e *dps.IndividualEnrollment, groupID string, prev *registration) (*allocation, error) {
+	ac := s.takeAllocationContext(opID)
 	if prev.Hub != "" && e.ReprovisionPolicy != nil && !e.ReprovisionPolicy.UpdateHubAssignment {
 		for _, h := range s.cfg.Hubs {
 			if strings.EqualFold(h.Name, prev.Hub) {
-				return h.Name, nil
+				return &allocation{hub: h.Name}, nil
 			}
 		}
 	}
-	return allocate(s.cfg.Hubs, e, e.RegistrationID)
+	return s.allocation(ctx, e, groupID, prev, ac)
 }
 
 // substatus says how an assignment relates to the previous one (§10).

@@ -76,6 +76,7 @@ type dpsSession struct {
 	apiVersion            string
 	password              string
 	tls                   *tls.ConnectionState
+	remote                string // the client's address, for geoLatency allocation
 }
 
 // IDs of the broker's listeners.
@@ -371,7 +372,7 @@ func (m *dpsMQTT) authenticate(cl *mqtt.Client, pk packets.Packet) (*dpsSession,
 		return nil, connackBadClientID, station.Errorf(op, station.KindInvalid,
 			"the user name names registration %.130q but the client ID is %.130q: use the registration ID for both", regID, id)
 	}
-	sess := &dpsSession{scope: scope, registrationID: regID, apiVersion: params["api-version"], tls: connState(cl.Net.Conn)}
+	sess := &dpsSession{scope: scope, registrationID: regID, apiVersion: params["api-version"], tls: connState(cl.Net.Conn), remote: cl.Net.Remote}
 	if pk.Connect.PasswordFlag {
 		sess.password = string(pk.Connect.Password)
 	}
@@ -427,7 +428,7 @@ func connState(c net.Conn) *tls.ConnectionState {
 }
 
 func (m *dpsMQTT) request(sess *dpsSession, trackingID string) *deviceRequest {
-	return &deviceRequest{transport: "mqtt", authorization: sess.password, tls: sess.tls, trackingID: trackingID}
+	return &deviceRequest{transport: "mqtt", authorization: sess.password, tls: sess.tls, trackingID: trackingID, remote: sess.remote}
 }
 
 // serve answers one register or poll publish.

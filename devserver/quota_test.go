@@ -132,7 +132,7 @@ func TestQuotaServiceOperations(t *testing.T) {
 	e := start(t, devserver.Config{Now: clk.Now, Quotas: devserver.Quotas{OperationsPerMinute: 3}})
 	scope := e.srv.IDScope()
 	_, primary, _ := e.enrollSymmetricKey(t, "svc-dev") // 1
-	for range 2 {                                         // 2, 3
+	for range 2 {                                       // 2, 3
 		if r := e.service(t, http.MethodGet, "/enrollments/svc-dev", nil); r.status != http.StatusOK {
 			t.Fatalf("get: %d %s", r.status, r.body)
 		}

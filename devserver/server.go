@@ -88,22 +88,31 @@ type Config struct {
 	// value throttles nothing and holds DPS's count limits; DPSQuotas
 	// throttles as DPS does.
 	Quotas Quotas
+	// Latencies is the geoLatency allocation's map of client networks to
+	// linked hubs and latencies (allocation_geo.go). Empty: geoLatency
+	// hashes by weight, as there is no geography.
+	Latencies Latencies
+	// WebhookClient calls custom allocation webhooks (§8); nil: a client
+	// with DefaultWebhookTimeout that trusts the system's roots.
+	WebhookClient *http.Client
 }
 
 // Server is Kiln's embedded DPS: the HTTPS device API with TPM attestation,
 // the service API for individual enrollments, allocation to linked hubs and
 // the device directory of the embedded hub. It is safe for concurrent use.
 type Server struct {
-	cfg         Config
-	throttles   throttles // the state of the rate quotas (quota.go)
-	now         func() time.Time
-	log         *slog.Logger
-	db          *store
-	idScope     string
-	serviceKeys map[string][]byte
-	attest      map[string]attestation // by enrollment attestation type (lower case)
-	handler     http.Handler
-	metrics     metrics // the counters of GET /metrics (metrics.go)
+	cfg       Config
+	throttles throttles // the state of the rate quotas (quota.go)
+	// what register requests told for their assignments (allocation_custom.go)
+	allocationContexts allocationContexts
+	now                func() time.Time
+	log                *slog.Logger
+	db                 *store
+	idScope            string
+	serviceKeys        map[string][]byte
+	attest             map[string]attestation // by enrollment attestation type (lower case)
+	handler            http.Handler
+	metrics            metrics // the counters of GET /metrics (metrics.go)
 
 	// Assignment workers: one goroutine per pending operation, stopped by
 	// cancel and awaited by Close.
@@ -133,6 +142,9 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	if err := checkHubs(cfg.Hubs, cfg.Quotas.linkedHubs()); err != nil {
+		return nil, err
+	}
+	if err := cfg.Latencies.check(cfg.Hubs); err != nil {
 		return nil, err
 	}
 	if cfg.Addr == "" {
