@@ -484,14 +484,21 @@ func BenchmarkRegisterLatencyEnrollments(b *testing.B) {
 	small := loaded(b, "1k", 1000, key)
 	large := loaded(b, "large", big, key)
 	var ls, ll []time.Duration
+	rng := rand.New(rand.NewPCG(3, uint64(b.N)))
+	runtime.GC()
 	b.ResetTimer()
 	for range b.N {
 		for range latencyBatch {
 			if small.next >= small.n {
 				small.next = 0 // past 1,000: devices register again
 			}
-			ls = append(ls, small.registerOne(b, key))
-			ll = append(ll, large.registerOne(b, key))
+			if rng.IntN(2) == 0 { // neither size always goes first
+				ls = append(ls, small.registerOne(b, key))
+				ll = append(ll, large.registerOne(b, key))
+			} else {
+				ll = append(ll, large.registerOne(b, key))
+				ls = append(ls, small.registerOne(b, key))
+			}
 		}
 	}
 	b.StopTimer()

@@ -331,3 +331,33 @@ func TestQuotaConfigRefused(t *testing.T) {
 	}
 	s.Close()
 }
+
+// LoadEnrollments, the benchmarks' set-up, writes enrollments as the
+// service API does: they read back, register, and count against the limit.
+func TestLoadEnrollments(t *testing.T) {
+	e := start(t, devserver.Config{Quotas: devserver.Quotas{MaxEnrollments: 150}})
+	key := []byte("0123456789abcdef0123456789abcdef")
+	if err := devserver.LoadEnrollments(t.Context(), e.srv, "loaded", 150, 64, key); err != nil {
+		t.Fatal(err)
+	}
+	r := e.service(t, http.MethodGet, "/enrollments/loaded-0000149", nil)
+	var en dps.IndividualEnrollment
+	r.decode(t, &en)
+	if r.status != http.StatusOK || en.RegistrationID != "loaded-0000149" || en.ProvisioningStatus != dps.ProvisioningEnabled ||
+		en.Attestation.SymmetricKey == nil || en.Attestation.SymmetricKey.PrimaryKey != dps.EncodeKey(key) || en.ETag == "" {
+		t.Fatalf("loaded enrollment: %d %s", r.status, r.body)
+	}
+	if r := e.service(t, http.MethodGet, "/enrollments/loaded-0000150", nil); r.status != http.StatusNotFound {
+		t.Errorf("enrollment 150 of 150: %d", r.status)
+	}
+	reg := e.registerSAS(t, "loaded-0000007", dps.NewDeviceSAS(e.srv.IDScope(), "loaded-0000007", key, time.Now().Add(time.Hour)))
+	if reg.final.Status != dps.StatusAssigned {
+		t.Errorf("registration of a loaded enrollment: %s", reg.finalRaw)
+	}
+	if r := e.service(t, http.MethodPut, "/enrollments/one-more", `{"attestation":{"type":"symmetricKey"}}`); r.status != http.StatusConflict {
+		t.Errorf("create over a limit filled by the load: %d %s", r.status, r.body)
+	}
+	if err := devserver.LoadEnrollments(t.Context(), e.srv, "bad id", 1, 1, key); err == nil {
+		t.Error("a prefix that is no registration ID was loaded")
+	}
+}
