@@ -277,10 +277,6 @@ func (s *Server) startRegistration(ctx context.Context, d *deviceRequest, log *s
 // the final state (§1.5).
 func (s *Server) poll(w http.ResponseWriter, r *http.Request, trackingID, scope, registrationID, opID string) {
 	ctx := r.Context()
-	if err := s.throttlePoll(registrationID); err != nil {
-		s.writeError(w, r, trackingID, err)
-		return
-	}
 	d, err := s.newDeviceRequest(ctx, r, trackingID, scope, registrationID, false)
 	if err != nil {
 		s.writeError(w, r, trackingID, err)
@@ -299,10 +295,15 @@ func (s *Server) poll(w http.ResponseWriter, r *http.Request, trackingID, scope,
 
 // operationStatus is the transport-neutral core of a poll: it
 // authenticates d and returns 202 with "assigning" while the assignment
-// runs, then 200 with the final state (§1.5). Kinds: Unauthorized,
-// NotFound, Internal.
+// runs, then 200 with the final state (§1.5). A device polling faster
+// than Quotas.PollsPerDevice is throttled (after authentication, so that
+// nobody else spends its budget). Kinds: Unauthorized, NotFound,
+// Unavailable (throttled), Internal.
 func (s *Server) operationStatus(ctx context.Context, d *deviceRequest, opID string) (int, *dps.RegistrationOperationStatus, error) {
 	if _, _, err := s.authenticate(ctx, d); err != nil {
+		return 0, nil, err
+	}
+	if err := s.throttlePoll(d.registrationID); err != nil {
 		return 0, nil, err
 	}
 	o, err := s.db.operation(ctx, opID, d.now)

@@ -464,9 +464,6 @@ func (m *dpsMQTT) serve(cl *mqtt.Client, sess *dpsSession, topic string, payload
 		}
 	case strings.HasPrefix(topic, dpsTopicPoll):
 		// The body is ignored (Node sends " ", the C SDK the register JSON).
-		if err = m.s.throttlePoll(sess.registrationID); err != nil {
-			break
-		}
 		if err = m.s.openDeviceRequest(ctx, d, sess.scope, sess.registrationID, nil); err == nil {
 			status, st, err = m.s.operationStatus(ctx, d, parseBag(query)["operationId"])
 		}

@@ -71,6 +71,12 @@ func TestQuotaPollFloodHTTPS(t *testing.T) {
 	poll := func(id string) *reply { return e.do(t, http.MethodGet, pollPath(scope, id, ops[id]), tokens[id], "{}") }
 	m0 := e.scrape(t)
 
+	// Polls with a forged token are refused before they spend the
+	// device's budget.
+	forged := dps.NewDeviceSAS(scope, "poll-a", []byte("not the device's key, not at all"), time.Now().Add(time.Hour))
+	for range 8 {
+		e.do(t, http.MethodGet, pollPath(scope, "poll-a", ops["poll-a"]), forged, nil).errorBody(t, http.StatusUnauthorized)
+	}
 	for i := range 5 {
 		if r := poll("poll-a"); r.status != http.StatusAccepted {
 			t.Fatalf("poll %d: %d %s, want 202", i+1, r.status, r.body)

@@ -66,6 +66,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 		}
 		fmt.Fprintf(w, "  IoT hub            %s (MQTT over TLS)\n", info.Hub)
 		fmt.Fprintf(w, "  trust bundle       %s (for Node: NODE_EXTRA_CA_CERTS=%s)\n", info.TrustBundle, info.TrustBundle)
+		fmt.Fprintf(w, "  throttling         %s\n", throttleText(o.quotas))
 		fmt.Fprintln(w, "Press Ctrl-C to stop.")
 	}
 	syncStdout(e)
@@ -130,6 +131,21 @@ func quotaFlags(fs *flag.FlagSet) func() (devserver.Quotas, error) {
 		}
 		return q, nil
 	}
+}
+
+// throttleText describes the rate quotas for the operator.
+func throttleText(q devserver.Quotas) string {
+	if q.RegistrationsPerMinute == 0 && q.OperationsPerMinute == 0 && q.PollsPerDevice == 0 {
+		return "off (line speed)"
+	}
+	per := func(n int, unit string) string {
+		if n == 0 {
+			return "unlimited " + unit
+		}
+		return fmt.Sprintf("%d %s", n, unit)
+	}
+	return per(q.RegistrationsPerMinute, "registrations/min") + ", " + per(q.OperationsPerMinute, "service operations/min") + ", " +
+		per(q.PollsPerDevice, "polls per device") + " per " + q.PollWindow.String() + " (429 with retry-after beyond; --throttle=false for line speed)"
 }
 
 type serveInfo struct {

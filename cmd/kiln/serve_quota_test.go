@@ -55,3 +55,13 @@ func TestServeQuotaFlags(t *testing.T) {
 		})
 	}
 }
+
+func TestServeThrottleText(t *testing.T) {
+	q := devserver.DPSQuotas()
+	if got, want := throttleText(q), "1000 registrations/min, 1000 service operations/min, 5 polls per device per 10s (429 with retry-after beyond; --throttle=false for line speed)"; got != want {
+		t.Errorf("DPS's: %q, want %q", got, want)
+	}
+	if got := throttleText(devserver.Quotas{}); got != "off (line speed)" {
+		t.Errorf("none: %q", got)
+	}
+}
