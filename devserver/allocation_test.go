@@ -244,6 +244,19 @@ func TestAllocationCustomWebhook(t *testing.T) {
 		if query != "code="+secret {
 			t.Errorf("webhook query %q, want the URL's function key", query)
 		}
+		if rc.CurrentIoTHubHostName != "" || rc.CurrentDeviceID != "" {
+			t.Errorf("first registration: current hub %q device %q, want none", rc.CurrentIoTHubHostName, rc.CurrentDeviceID)
+		}
+		// Registering again: the webhook is told where the device is.
+		if final, raw := e.registerBody(t, "wh-ok", tok, nil); final.Status != dps.StatusAssigned {
+			t.Fatalf("second registration: %s", raw)
+		}
+		hook.mu.Lock()
+		rc = hook.got[len(hook.got)-1].DeviceRuntimeContext
+		hook.mu.Unlock()
+		if rc.CurrentIoTHubHostName != hub2 || rc.CurrentDeviceID != "wh-ok" || rc.Payload != nil {
+			t.Errorf("re-registration: current hub %q device %q payload %s, want %s, wh-ok and none", rc.CurrentIoTHubHostName, rc.CurrentDeviceID, rc.Payload, hub2)
+		}
 	})
 
 	failures := []struct {
@@ -279,3 +292,44 @@ func TestAllocationCustomWebhook(t *testing.T) {
 }
 
 func primaryKeyB64(k []byte) string { return dps.EncodeKey(k) }
+
+// A device of an X.509 enrollment group: the webhook gets the group,
+// without its certificates, and an x509 runtime context; the group's
+// iotHubs are the hubs offered.
+func TestAllocationCustomWebhookGroup(t *testing.T) {
+	hook := newWebhook(t, func(req devserver.AllocationRequest) (int, string) {
+		return 200, `{"iotHubHostName":"` + req.LinkedHubs[len(req.LinkedHubs)-1] + `"}`
+	})
+	e := start(t, devserver.Config{WebhookClient: hook.srv.Client(), Hubs: []devserver.LinkedHub{
+		{Name: hub1, ApplyAllocationPolicy: true}, {Name: hub2}, {Name: hub3, ApplyAllocationPolicy: true}}})
+	root := newTestRoot(t, "webhook group root")
+	e.putGroup(t, x509Group("grp-hook", root.Cert, func(g *dps.EnrollmentGroup) {
+		g.AllocationPolicy = dps.AllocationCustom
+		g.IoTHubs = []string{hub1, hub2}
+		g.CustomAllocationDefinition = &dps.CustomAllocationDefinition{WebhookURL: hook.srv.URL + "/alloc", APIVersion: "2021-10-01"}
+	}))
+	dev := issueDevice(t, root, "hook-dev-1")
+	final, raw := e.registerX509(t, &dev.cert, "hook-dev-1")
+	if st := final.RegistrationState; final.Status != dps.StatusAssigned || st.AssignedHub != hub2 || st.X509 == nil || st.X509.EnrollmentGroupID != "grp-hook" {
+		t.Fatalf("final %s, want assigned to %s through grp-hook", raw, hub2)
+	}
+	hook.mu.Lock()
+	defer hook.mu.Unlock()
+	if len(hook.got) != 1 {
+		t.Fatalf("%d webhook calls, want 1", len(hook.got))
+	}
+	req, body := hook.got[0], hook.raw[0]
+	if req.EnrollmentGroup == nil || req.IndividualEnrollment != nil || req.EnrollmentGroup.EnrollmentGroupID != "grp-hook" ||
+		req.EnrollmentGroup.Attestation.Type != dps.AttestationX509 || req.EnrollmentGroup.Attestation.X509 != nil {
+		t.Errorf("enrollmentGroup in %s: want the group, its attestation reduced to the type", body)
+	}
+	if bytes.Contains(body, []byte("BEGIN CERTIFICATE")) {
+		t.Errorf("the webhook request carries the group's certificate: %s", body)
+	}
+	if rc := req.DeviceRuntimeContext; rc.RegistrationID != "hook-dev-1" || rc.X509 == nil || rc.SymmetricKey != nil {
+		t.Errorf("deviceRuntimeContext in %s", body)
+	}
+	if strings.Join(req.LinkedHubs, ",") != hub1+","+hub2 {
+		t.Errorf("linkedHubs %v, want the group's iotHubs", req.LinkedHubs)
+	}
+}
