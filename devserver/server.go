@@ -101,18 +101,20 @@ type Config struct {
 // the service API for individual enrollments, allocation to linked hubs and
 // the device directory of the embedded hub. It is safe for concurrent use.
 type Server struct {
-	cfg       Config
-	throttles throttles // the state of the rate quotas (quota.go)
-	// what register requests told for their assignments (allocation_custom.go)
+	cfg         Config
+	now         func() time.Time
+	log         *slog.Logger
+	db          *store
+	idScope     string
+	serviceKeys map[string][]byte
+	attest      map[string]attestation // by enrollment attestation type (lower case)
+	handler     http.Handler
+	metrics     metrics // the counters of GET /metrics (metrics.go)
+
+	// The state of the rate quotas (quota.go), and what register requests
+	// told for their assignments (allocation_custom.go).
+	throttles          throttles
 	allocationContexts allocationContexts
-	now                func() time.Time
-	log                *slog.Logger
-	db                 *store
-	idScope            string
-	serviceKeys        map[string][]byte
-	attest             map[string]attestation // by enrollment attestation type (lower case)
-	handler            http.Handler
-	metrics            metrics // the counters of GET /metrics (metrics.go)
 
 	// Assignment workers: one goroutine per pending operation, stopped by
 	// cancel and awaited by Close.
