@@ -367,3 +367,26 @@ func TestLoadEnrollments(t *testing.T) {
 		t.Error("a prefix that is no registration ID was loaded")
 	}
 }
+
+// The message limit holds over MQTT too: a publish over it ends the
+// connection, one under it is served.
+func TestQuotaMessageSizeMQTT(t *testing.T) {
+	e := start(t, devserver.Config{MQTTAddr: "127.0.0.1:0", Quotas: devserver.Quotas{MaxMessageBytes: 2048}})
+	scope := e.srv.IDScope()
+	const regID = "mqtt-small-limit"
+	_, primary, _ := e.enrollSymmetricKey(t, regID)
+	tok := dps.NewDeviceSAS(scope, regID, primary, time.Now().Add(time.Hour))
+	c, ch := e.mustDialDPS(t, regID, tok)
+	under := `{"registrationId":"` + regID + `","payload":{"pad":"` + strings.Repeat("x", 1900) + `"}}`
+	if a := dpsRequest(t, c, ch, "$dps/registrations/PUT/iotdps-register/?$rid=1", "1", []byte(under)); a.status != http.StatusAccepted {
+		t.Fatalf("a %d-byte register: %d %s", len(under), a.status, a.raw)
+	}
+	c.Publish("$dps/registrations/PUT/iotdps-register/?$rid=2", 0, false, []byte(strings.Repeat(" ", 2100)))
+	deadline := time.Now().Add(10 * time.Second)
+	for c.IsConnectionOpen() {
+		if time.Now().After(deadline) {
+			t.Fatal("still connected 10 s after a 2,100-byte publish over a 2,048-byte limit")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
