@@ -82,6 +82,13 @@ func DPSQuotas() Quotas {
 	}
 }
 
+// NoQuotas returns quotas that neither throttle nor limit counts (the
+// message limit stays DPS's): the station's embedded DPS, which must keep
+// line speed and in which an enrollment accumulates for every unit made.
+func NoQuotas() Quotas {
+	return Quotas{MaxEnrollments: -1, MaxRegistrations: -1, MaxSymmetricKeyGroups: -1, MaxX509Groups: -1, MaxLinkedHubs: -1}
+}
+
 // limit resolves a count limit: zero is def, negative is none (0).
 func limit(v, def int) int {
 	switch {

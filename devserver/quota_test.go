@@ -390,3 +390,27 @@ func TestQuotaMessageSizeMQTT(t *testing.T) {
 		time.Sleep(10 * time.Millisecond)
 	}
 }
+
+// NoQuotas, the station's: no count limit either (an enrollment stays for
+// every unit made).
+func TestNoQuotas(t *testing.T) {
+	q := devserver.NoQuotas()
+	if q.RegistrationsPerMinute != 0 || q.OperationsPerMinute != 0 || q.PollsPerDevice != 0 {
+		t.Errorf("NoQuotas throttles: %+v", q)
+	}
+	hubs := make([]devserver.LinkedHub, devserver.DPSMaxLinkedHubs+1)
+	for i := range hubs {
+		hubs[i] = devserver.LinkedHub{Name: fmt.Sprintf("hub%d.kiln.test", i), ApplyAllocationPolicy: true}
+	}
+	e := start(t, devserver.Config{Hubs: hubs, Quotas: q})
+	for b := range devserver.MaxSymmetricKeyGroups/10 + 1 {
+		var items []string
+		for i := range 10 {
+			items = append(items, fmt.Sprintf(`{"enrollmentGroupId":"g-%d-%d","attestation":{"type":"symmetricKey"}}`, b, i))
+		}
+		r := e.service(t, http.MethodPost, "/enrollmentGroups", `{"mode":"create","enrollmentGroups":[`+strings.Join(items, ",")+`]}`)
+		if r.status != http.StatusOK || !strings.Contains(string(r.body), `"isSuccessful":true`) {
+			t.Fatalf("bulk %d: %d %s", b, r.status, r.body)
+		}
+	}
+}
