@@ -555,18 +555,18 @@ func (s *store) startOperation(ctx context.Context, opID, registrationID, group 
 	if _, err := tx.ExecContext(ctx, `DELETE FROM operations WHERE expires < ?`, encTime(now)); err != nil {
 		return dbError(op, err)
 	}
-	var one int
 	committed := false
-	err = tx.QueryRowContext(ctx, `SELECT 1 FROM registrations WHERE id = ?`, id).Scan(&one)
-	isNew := errors.Is(err, sql.ErrNoRows)
-	if err != nil && !isNew {
-		return dbError(op, err)
-	}
-	if isNew {
-		if err := s.registrationRows.reserve(ctx, tx, op, "registrations", "device registrations", s.maxRegistrations); err != nil {
-			return err
+	if s.maxRegistrations > 0 { // a new registration must fit under the limit
+		var one int
+		err = tx.QueryRowContext(ctx, `SELECT 1 FROM registrations WHERE id = ?`, id).Scan(&one)
+		if errors.Is(err, sql.ErrNoRows) {
+			if err := s.registrationRows.reserve(ctx, tx, op, "registrations", "device registrations", s.maxRegistrations); err != nil {
+				return err
+			}
+			defer s.registrationRows.settle(&committed)
+		} else if err != nil {
+			return dbError(op, err)
 		}
-		defer s.registrationRows.settle(&committed)
 	}
 	_, err = tx.ExecContext(ctx,
 		`INSERT INTO registrations (id, registration_id, status, operation, etag, created, updated, enrollment_group) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
