@@ -33,9 +33,11 @@ const (
 // speed; DPSQuotas sets DPS's own. Each is a sliding window: at most N
 // requests in any window of the given length.
 //
-// The count limits refuse a write that would go over them with 409 and
-// errorCode 409001 (retrying does not help until something is deleted).
-// Their zero value is DPS's limit; a negative value removes the limit.
+// The count limits refuse a create that would go over them with 409 and
+// errorCode 409001 (retrying does not help until something is deleted);
+// too many linked hubs make New fail, and a message over the limit is
+// refused with 400 (HTTPS) or ends the connection (MQTT). Their zero
+// value is DPS's limit; a negative value removes the limit (NoQuotas).
 type Quotas struct {
 	// RegistrationsPerMinute throttles the device register requests of
 	// the whole service (every transport; a TPM device's challenge is a
