@@ -4,6 +4,7 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"math"
+	"net/netip"
 	"strings"
 
 	"github.com/kilnworks/kiln/dps"
@@ -33,56 +34,25 @@ type allocationError struct {
 
 func (e *allocationError) Error() string { return e.message }
 
-// allocate picks the hub for a registration (§10):
+// allocate picks the hub for a registration by the policies that need no
+// webhook (§10):
 //
 //   - the candidates are the enrollment's iotHubs (or its legacy
 //     iotHubHostName) when set, otherwise the linked hubs that apply the
 //     allocation policy; a hub that is not linked is never chosen;
 //   - static: the enrollment's single hub;
-//   - hashed (the default) and geoLatency (there is no geography here):
-//     weighted rendezvous hashing of the registration ID over the
-//     candidates, so the same ID lands on the same hub while the hubs and
-//     their weights stay the same, and each hub receives a share of devices
-//     proportional to its weight;
-//   - custom: not supported yet (failed, 400209).
+//   - hashed (the default): weighted rendezvous hashing of the
+//     registration ID over the candidates, so the same ID lands on the
+//     same hub while the hubs and their weights stay the same, and each hub
+//     receives a share of devices proportional to its weight;
+//   - geoLatency: the candidate with the lowest latency to the device's
+//     address in lat (allocation_geo.go); ties, and hubs of unknown
+//     latency, are hashed as above among the lowest;
+//   - custom needs the webhook (Server.allocation): an error here.
 //
 // It returns the hub's name as configured, or an *allocationError.
-func allocate(hubs []LinkedHub, e *dps.IndividualEnrollment, registrationID string) (string, error) {
-	linked := func(name string) (LinkedHub, bool) {
-		for _, h := range hubs {
-			if strings.EqualFold(h.Name, name) {
-				return h, true
-			}
-		}
-		return LinkedHub{}, false
-	}
-	named := e.IoTHubs
-	if len(named) == 0 && e.IoTHubHostName != "" {
-		named = []string{e.IoTHubHostName}
-	}
-	policy := e.AllocationPolicy
-	if policy == "" {
-		policy = dps.AllocationHashed
-		if len(e.IoTHubs) == 0 && e.IoTHubHostName != "" {
-			policy = dps.AllocationStatic
-		}
-	}
-
-	var candidates []LinkedHub
-	if len(named) > 0 {
-		for _, n := range named {
-			if h, ok := linked(n); ok {
-				candidates = append(candidates, h)
-			}
-		}
-	} else {
-		for _, h := range hubs {
-			if h.ApplyAllocationPolicy {
-				candidates = append(candidates, h)
-			}
-		}
-	}
-
+func allocate(hubs []LinkedHub, e *dps.IndividualEnrollment, registrationID string, client netip.Addr, lat Latencies) (string, error) {
+	policy, named, candidates := allocationCandidates(hubs, e)
 	switch {
 	case strings.EqualFold(policy, dps.AllocationStatic):
 		if len(named) != 1 {
@@ -99,12 +69,54 @@ func allocate(hubs []LinkedHub, e *dps.IndividualEnrollment, registrationID stri
 			return "", &allocationError{dps.CodeHubNotSpecified,
 				"No linked IoT hub is available for this enrollment: link a hub, or list one in the enrollment's iotHubs."}
 		}
+		if strings.EqualFold(policy, dps.AllocationGeoLatency) {
+			candidates = lat.nearest(candidates, client)
+		}
 		return hashed(candidates, registrationID).Name, nil
 	case strings.EqualFold(policy, dps.AllocationCustom):
 		return "", &allocationError{dps.CodeAllocationFailed,
-			"Custom allocation (webhook) is not supported by this provisioning service yet."}
+			"Custom allocation failed: the enrollment has no customAllocationDefinition.webhookUrl."}
 	}
 	return "", &allocationError{dps.CodeHubNotSpecified, "Unknown allocation policy " + policy + "."}
+}
+
+// allocationCandidates returns an enrollment's allocation policy (hashed
+// when unset, static for a legacy iotHubHostName alone), the hubs it
+// names, and the linked hubs it may be assigned to.
+func allocationCandidates(hubs []LinkedHub, e *dps.IndividualEnrollment) (policy string, named []string, candidates []LinkedHub) {
+	linked := func(name string) (LinkedHub, bool) {
+		for _, h := range hubs {
+			if strings.EqualFold(h.Name, name) {
+				return h, true
+			}
+		}
+		return LinkedHub{}, false
+	}
+	named = e.IoTHubs
+	if len(named) == 0 && e.IoTHubHostName != "" {
+		named = []string{e.IoTHubHostName}
+	}
+	policy = e.AllocationPolicy
+	if policy == "" {
+		policy = dps.AllocationHashed
+		if len(e.IoTHubs) == 0 && e.IoTHubHostName != "" {
+			policy = dps.AllocationStatic
+		}
+	}
+	if len(named) > 0 {
+		for _, n := range named {
+			if h, ok := linked(n); ok {
+				candidates = append(candidates, h)
+			}
+		}
+	} else {
+		for _, h := range hubs {
+			if h.ApplyAllocationPolicy {
+				candidates = append(candidates, h)
+			}
+		}
+	}
+	return policy, named, candidates
 }
 
 // hashed picks a hub by weighted rendezvous hashing: each hub scores
@@ -124,9 +136,13 @@ func hashed(hubs []LinkedHub, registrationID string) LinkedHub {
 	return best
 }
 
-// checkHubs validates the configured linked hubs. Kinds: Invalid.
-func checkHubs(hubs []LinkedHub) error {
+// checkHubs validates the configured linked hubs, at most max of them
+// (zero: no limit). Kinds: Invalid.
+func checkHubs(hubs []LinkedHub, max int) error {
 	const op = "check linked hubs"
+	if max > 0 && len(hubs) > max {
+		return station.Errorf(op, station.KindInvalid, "%d linked hubs: the limit is %d; link fewer hubs, or raise the limit", len(hubs), max)
+	}
 	seen := map[string]bool{}
 	for _, h := range hubs {
 		name := strings.ToLower(h.Name)

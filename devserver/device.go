@@ -58,7 +58,8 @@ type deviceRequest struct {
 	// group is the enrollment group the device attested through (X.509
 	// signing certificate or symmetric-key derived key); nil for an
 	// individual enrollment.
-	group *dps.EnrollmentGroup
+	group  *dps.EnrollmentGroup
+	remote string // the client's address (host:port), for geoLatency allocation
 }
 
 // sas parses the request's Authorization header; nil when there is none.
@@ -121,7 +122,7 @@ func DecodeDeviceRegistration(body []byte, registrationID string) (*dps.DeviceRe
 // request and reads its body and enrollment. Kinds: Unauthorized (wrong
 // scope, no enrollment: DPS does not tell them apart), Invalid.
 func (s *Server) newDeviceRequest(ctx context.Context, r *http.Request, trackingID, scope, registrationID string, withBody bool) (*deviceRequest, error) {
-	d := &deviceRequest{r: r, transport: "https", authorization: r.Header.Get("Authorization"), tls: r.TLS, trackingID: trackingID}
+	d := &deviceRequest{r: r, transport: "https", authorization: r.Header.Get("Authorization"), tls: r.TLS, trackingID: trackingID, remote: r.RemoteAddr}
 	var body []byte
 	if withBody {
 		b, err := readBody(r)
@@ -209,6 +210,10 @@ func (s *Server) register(w http.ResponseWriter, r *http.Request, trackingID, sc
 	ctx := r.Context()
 	log := s.log.With("trackingId", trackingID, "registrationId", registrationID)
 	log.Debug("register", "apiVersion", r.URL.Query().Get("api-version"))
+	if err := s.throttleRegistration(); err != nil {
+		s.writeError(w, r, trackingID, err)
+		return
+	}
 	d, err := s.newDeviceRequest(ctx, r, trackingID, scope, registrationID, true)
 	if err != nil {
 		s.countRegistrationRefused(d, err)
@@ -279,6 +284,7 @@ func (s *Server) startRegistration(ctx context.Context, d *deviceRequest, log *s
 		s.csrs.put(opID, csr)
 	}
 	s.countRegistrationAccepted(opID, d)
+	s.keepAllocationContext(opID, d)
 	s.startAssignment(opID, d.trackingID)
 	log.Info("registration accepted", "operationId", opID, "transport", d.transport)
 	return &dps.RegistrationOperationStatus{OperationID: opID, Status: dps.StatusAssigning}, nil
@@ -307,10 +313,15 @@ func (s *Server) poll(w http.ResponseWriter, r *http.Request, trackingID, scope,
 
 // operationStatus is the transport-neutral core of a poll: it
 // authenticates d and returns 202 with "assigning" while the assignment
-// runs, then 200 with the final state (§1.5). Kinds: Unauthorized,
-// NotFound, Internal.
+// runs, then 200 with the final state (§1.5). A device polling faster
+// than Quotas.PollsPerDevice is throttled (after authentication, so that
+// nobody else spends its budget). Kinds: Unauthorized, NotFound,
+// Unavailable (throttled), Internal.
 func (s *Server) operationStatus(ctx context.Context, d *deviceRequest, opID string) (int, *dps.RegistrationOperationStatus, error) {
 	if _, _, err := s.authenticate(ctx, d); err != nil {
+		return 0, nil, err
+	}
+	if err := s.throttlePoll(d.registrationID); err != nil {
 		return 0, nil, err
 	}
 	o, err := s.db.operation(ctx, opID, d.now)
@@ -338,6 +349,10 @@ func (s *Server) operationStatus(ctx context.Context, d *deviceRequest, opID str
 // gets the challenge first, as for register.
 func (s *Server) lookup(w http.ResponseWriter, r *http.Request, trackingID, scope, registrationID string) {
 	ctx := r.Context()
+	if err := s.throttleRegistration(); err != nil {
+		s.writeError(w, r, trackingID, err)
+		return
+	}
 	d, err := s.newDeviceRequest(ctx, r, trackingID, scope, registrationID, true)
 	if err != nil {
 		s.writeError(w, r, trackingID, err)
@@ -456,12 +471,16 @@ func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) erro
 		reg.Status, reg.Enabled = dps.StatusDisabled, false
 		reg.ErrorCode, reg.ErrorMessage = dps.CodeUnauthorized, "The enrollment is disabled."
 	default:
-		hub, err := s.chooseHub(e, prev)
+		al, err := s.chooseHub(ctx, opID, e, groupID, prev)
 		var ae *allocationError
 		if errors.As(err, &ae) {
 			reg.Status, reg.ErrorCode, reg.ErrorMessage = dps.StatusFailed, ae.code, ae.message
 			break
 		}
+		if err != nil {
+			return err
+		}
+		hub := al.hub
 		a, err := s.attestationFor(e)
 		if err != nil {
 			return err
@@ -504,9 +523,13 @@ func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) erro
 		var reset bool
 		reg.Substatus, reset = reprovision(prev, hub, e)
 		if reset {
-			// The device data comes from the enrollment: at the first
-			// assignment, and when the policy says not to migrate it.
+			// The device data comes from the enrollment (or a custom
+			// allocation webhook's initialTwin, which overrides it, §8): at
+			// the first assignment, and when the policy says not to migrate it.
 			reg.Twin, reg.Tags = desired(e), initialTags(e)
+			if al.twin != nil {
+				reg.Twin = al.twin
+			}
 			reg.IoTEdge = e.Capabilities != nil && e.Capabilities.IoTEdge
 			reg.DataETag = newETag()
 		} else {
@@ -516,6 +539,7 @@ func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) erro
 				reg.PreviousHub = prev.Hub
 			}
 		}
+		reg.Payload = al.payload // a custom allocation webhook's, for the device
 	}
 
 	full := reg.state()
@@ -533,17 +557,19 @@ func (s *Server) assign(ctx context.Context, opID string, log *slog.Logger) erro
 	return nil
 }
 
-// chooseHub allocates a hub, keeping the earlier one when the enrollment's
-// reprovision policy says not to update the hub assignment (§10).
-func (s *Server) chooseHub(e *dps.IndividualEnrollment, prev *registration) (string, error) {
+// chooseHub allocates a hub to operation opID (allocation_custom.go),
+// keeping the earlier one when the enrollment's reprovision policy says
+// not to update the hub assignment (§10).
+func (s *Server) chooseHub(ctx context.Context, opID string, e *dps.IndividualEnrollment, groupID string, prev *registration) (*allocation, error) {
+	ac := s.takeAllocationContext(opID)
 	if prev.Hub != "" && e.ReprovisionPolicy != nil && !e.ReprovisionPolicy.UpdateHubAssignment {
 		for _, h := range s.cfg.Hubs {
 			if strings.EqualFold(h.Name, prev.Hub) {
-				return h.Name, nil
+				return &allocation{hub: h.Name}, nil
 			}
 		}
 	}
-	return allocate(s.cfg.Hubs, e, e.RegistrationID)
+	return s.allocation(ctx, e, groupID, prev, ac)
 }
 
 // reprovision says how an assignment to hub relates to the device's

@@ -43,6 +43,9 @@ type EmbeddedConfig struct {
 	// Issuer, when set, issues certificates for the CSRs devices send with
 	// their registration (Config.Issuer).
 	Issuer CertificateIssuer
+	// Quotas are the DPS's limits and throttles (Config.Quotas); the zero
+	// value throttles nothing, as the station's line needs.
+	Quotas Quotas
 }
 
 // Embedded is a running DPS and its hub.
@@ -85,6 +88,7 @@ func StartEmbedded(ctx context.Context, cfg EmbeddedConfig) (*Embedded, error) {
 		Logger:     cfg.Logger,
 		RetryAfter: cfg.RetryAfter,
 		Issuer:     cfg.Issuer,
+		Quotas:     cfg.Quotas,
 	})
 	if err != nil {
 		return nil, err

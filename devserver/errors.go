@@ -31,6 +31,9 @@ const codeQuota = 409001
 // answer (§7.4: errorCode = status × 1000 + detail). It is the one place
 // where Kinds become HTTP.
 func errorStatus(err error) (status, code int) {
+	if t := throttleOf(err); t != nil {
+		return http.StatusTooManyRequests, t.code
+	}
 	switch station.KindOf(err) {
 	case station.KindInvalid:
 		return http.StatusBadRequest, dps.CodeBadRequest
@@ -106,6 +109,7 @@ func (s *Server) writeError(w http.ResponseWriter, r *http.Request, trackingID s
 	level("request refused", "trackingId", trackingID, "method", r.Method, "path", r.URL.Path,
 		"status", status, "errorCode", code, "err", err)
 	w.Header().Set("x-ms-error-code", strconv.Itoa(code))
+	writeRetryAfter(w, err)
 	writeJSON(w, status, body)
 }
 

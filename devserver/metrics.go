@@ -225,10 +225,8 @@ func (s *Server) countRegistrationDone(opID, status string) {
 	m.histograms[o.attestation].observe(max(now.Sub(o.start), 0).Seconds())
 }
 
-// countThrottled counts a request refused with 429. Nothing throttles
-// yet: it is the hook of the quota work (issue 4, item 7).
-//
-//lint:ignore U1000 called by the quota work; the series is exported now so dashboards can rely on it.
+// countThrottled counts a request refused with 429 by a rate quota
+// (Server.throttle).
 func (s *Server) countThrottled() {
 	s.metrics.mu.Lock()
 	s.metrics.throttled++

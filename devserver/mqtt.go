@@ -76,6 +76,7 @@ type dpsSession struct {
 	apiVersion            string
 	password              string
 	tls                   *tls.ConnectionState
+	remote                string // the client's address, for geoLatency allocation
 }
 
 // IDs of the broker's listeners.
@@ -98,7 +99,7 @@ func (s *Server) startMQTT(ctx context.Context, tc *tls.Config) error {
 	caps.TopicAliasMaximum = 0
 	caps.MaximumClientWritesPending = 64
 	caps.MaximumSessionExpiryInterval = 0
-	caps.MaximumPacketSize = maxBody + 16<<10 // the exact limit is checked in the hook
+	caps.MaximumPacketSize = uint32(s.cfg.Quotas.messageBytes() + 16<<10) // the exact limit is checked in the hook
 	m.srv = mqtt.New(&mqtt.Options{
 		Capabilities:           caps,
 		Logger:                 slog.New(minLevel{m.log.With("mqtt", "mochi").Handler(), slog.LevelWarn}),
@@ -296,22 +297,22 @@ func (k *dpsHook) OnACLCheck(cl *mqtt.Client, topic string, write bool) bool {
 	return ok
 }
 
-// OnPacketRead disconnects a device that publishes more than DPS's 96 KB
-// message limit (§2.5) or with QoS 2.
+// OnPacketRead disconnects a device that publishes more than the message
+// limit (DPS's 96 KB, §2.5; Config.Quotas) or with QoS 2.
 func (k *dpsHook) OnPacketRead(cl *mqtt.Client, pk packets.Packet) (packets.Packet, error) {
 	if pk.FixedHeader.Type != packets.Publish {
 		return pk, nil
 	}
 	reason := ""
 	switch {
-	case len(pk.Payload) > maxBody:
+	case len(pk.Payload) > k.m.s.cfg.Quotas.messageBytes():
 		reason = "message too large"
 	case pk.FixedHeader.Qos > 1:
 		reason = "QoS 2 is not supported"
 	default:
 		return pk, nil
 	}
-	k.m.log.Info("device disconnected", "reason", reason, "client", cl.ID, "bytes", len(pk.Payload), "max", maxBody)
+	k.m.log.Info("device disconnected", "reason", reason, "client", cl.ID, "bytes", len(pk.Payload), "max", k.m.s.cfg.Quotas.messageBytes())
 	return pk, packets.ErrRejectPacket
 }
 
@@ -371,7 +372,7 @@ func (m *dpsMQTT) authenticate(cl *mqtt.Client, pk packets.Packet) (*dpsSession,
 		return nil, connackBadClientID, station.Errorf(op, station.KindInvalid,
 			"the user name names registration %.130q but the client ID is %.130q: use the registration ID for both", regID, id)
 	}
-	sess := &dpsSession{scope: scope, registrationID: regID, apiVersion: params["api-version"], tls: connState(cl.Net.Conn)}
+	sess := &dpsSession{scope: scope, registrationID: regID, apiVersion: params["api-version"], tls: connState(cl.Net.Conn), remote: cl.Net.Remote}
 	if pk.Connect.PasswordFlag {
 		sess.password = string(pk.Connect.Password)
 	}
@@ -427,7 +428,7 @@ func connState(c net.Conn) *tls.ConnectionState {
 }
 
 func (m *dpsMQTT) request(sess *dpsSession, trackingID string) *deviceRequest {
-	return &deviceRequest{transport: "mqtt", authorization: sess.password, tls: sess.tls, trackingID: trackingID}
+	return &deviceRequest{transport: "mqtt", authorization: sess.password, tls: sess.tls, trackingID: trackingID, remote: sess.remote}
 }
 
 // serve answers one register or poll publish.
@@ -448,6 +449,9 @@ func (m *dpsMQTT) serve(cl *mqtt.Client, sess *dpsSession, topic string, payload
 	switch {
 	case strings.HasPrefix(topic, dpsTopicRegister):
 		log.Debug("register", "apiVersion", sess.apiVersion)
+		if err = m.s.throttleRegistration(); err != nil {
+			break
+		}
 		if err = m.s.openDeviceRequest(ctx, d, sess.scope, sess.registrationID, payload); err == nil && d.body.TPM != nil {
 			err = station.Errorf("register device", station.KindInvalid,
 				"TPM attestation is not supported over MQTT: register TPM devices over HTTPS")
@@ -484,7 +488,9 @@ func (m *dpsMQTT) serve(cl *mqtt.Client, sess *dpsSession, topic string, payload
 		return
 	}
 	res := dpsTopicResponse + strconv.Itoa(status) + "/?$rid=" + rid
-	if status == http.StatusAccepted || status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable {
+	if t := throttleOf(err); t != nil {
+		res += "&retry-after=" + retryAfter(t.wait)
+	} else if status == http.StatusAccepted || status == http.StatusTooManyRequests || status == http.StatusServiceUnavailable {
 		res += "&retry-after=" + retryAfter(m.s.cfg.RetryAfter)
 	}
 	m.reply(cl, res, b)
@@ -575,7 +581,7 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request, tracking
 		m.log.Debug("WebSocket upgrade failed", "remote", r.RemoteAddr, "error", err)
 		return
 	}
-	ws.SetReadLimit(maxBody + 16<<10)
+	ws.SetReadLimit(int64(s.cfg.Quotas.messageBytes() + 16<<10))
 	c := &wsConn{ws: ws}
 	defer c.Close()
 	if !m.ws.track(c) {

@@ -34,9 +34,6 @@ const (
 	DefaultOperationTTL = 30 * time.Minute
 )
 
-// maxBody is the largest request body accepted: DPS's message limit (§10).
-const maxBody = 96 << 10
-
 // Config configures a Server. The zero value of every field but DataDir
 // has a default.
 type Config struct {
@@ -91,6 +88,17 @@ type Config struct {
 	// registration (clientCertificateCsr); without one such a registration
 	// is refused with DPS's "not configured" message.
 	Issuer CertificateIssuer
+	// Quotas are the service's limits and throttles (quota.go). The zero
+	// value throttles nothing and holds DPS's count limits; DPSQuotas
+	// throttles as DPS does.
+	Quotas Quotas
+	// Latencies is the geoLatency allocation's map of client networks to
+	// linked hubs and latencies (allocation_geo.go). Empty: geoLatency
+	// hashes by weight, as there is no geography.
+	Latencies Latencies
+	// WebhookClient calls custom allocation webhooks (§8); nil: a client
+	// with DefaultWebhookTimeout that trusts the system's roots.
+	WebhookClient *http.Client
 }
 
 // Server is Kiln's embedded DPS: the HTTPS device API with TPM attestation,
@@ -108,6 +116,11 @@ type Server struct {
 	metrics     metrics       // the counters of GET /metrics (metrics.go)
 	groupKeys   groupKeyCache // symmetric-key groups with decoded keys (symkey_group.go)
 	csrs        pendingCSRs   // CSRs awaiting their assignment (issuance.go)
+
+	// The state of the rate quotas (quota.go), and what register requests
+	// told for their assignments (allocation_custom.go).
+	throttles          throttles
+	allocationContexts allocationContexts
 
 	// Assignment workers: one goroutine per pending operation, stopped by
 	// cancel and awaited by Close.
@@ -133,7 +146,13 @@ func New(cfg Config) (*Server, error) {
 	if cfg.DataDir == "" {
 		return nil, station.Errorf(op, station.KindInvalid, "no data directory: set Config.DataDir")
 	}
-	if err := checkHubs(cfg.Hubs); err != nil {
+	if err := cfg.Quotas.check(); err != nil {
+		return nil, err
+	}
+	if err := checkHubs(cfg.Hubs, cfg.Quotas.linkedHubs()); err != nil {
+		return nil, err
+	}
+	if err := cfg.Latencies.check(cfg.Hubs); err != nil {
 		return nil, err
 	}
 	if cfg.Addr == "" {
@@ -161,6 +180,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, err
 	}
 	s.db = db
+	db.maxEnrollments, db.maxRegistrations = cfg.Quotas.enrollments(), cfg.Quotas.registrations()
 	if err := s.loadIdentity(ctx); err != nil {
 		db.close()
 		return nil, err
@@ -448,8 +468,12 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, trackingID, station.Errorf("route request", station.KindInvalid, "the path is not percent-encoded correctly"))
 		return
 	}
-	r.Body = http.MaxBytesReader(w, r.Body, maxBody)
+	r.Body = http.MaxBytesReader(w, r.Body, int64(s.cfg.Quotas.messageBytes()))
 	defer s.countServiceRequest(&w, r.Method, segs)()
+	if err := s.throttleService(r.Method, segs); err != nil {
+		s.writeError(w, r, trackingID, err)
+		return
+	}
 	is := strings.EqualFold
 	post := r.Method == http.MethodPost
 	switch {
@@ -527,13 +551,14 @@ func splitPath(escaped string) ([]string, bool) {
 	return segs, true
 }
 
-// readBody reads a request body of at most maxBody bytes.
+// readBody reads a request body of at most the message limit (the
+// MaxBytesReader of serveHTTP).
 // Kinds: Invalid (too large, or the read failed).
 func readBody(r *http.Request) ([]byte, error) {
 	b, err := io.ReadAll(r.Body)
 	var tooBig *http.MaxBytesError
 	if errors.As(err, &tooBig) {
-		return nil, station.Errorf("read request", station.KindInvalid, "the body exceeds %d bytes, DPS's message limit", maxBody)
+		return nil, station.Errorf("read request", station.KindInvalid, "the body exceeds %d bytes, the message limit", tooBig.Limit)
 	}
 	if err != nil {
 		return nil, station.Errorf("read request", station.KindInvalid, "read the body: %w", err)

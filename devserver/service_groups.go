@@ -15,12 +15,10 @@ const (
 	MaxX509Groups         = 100
 )
 
-// groupLimit is the most groups of an attestation type the service holds.
-func groupLimit(attestationType string) int {
-	if attestationType == dps.AttestationX509 {
-		return MaxX509Groups
-	}
-	return MaxSymmetricKeyGroups
+// groupLimit is the most groups of an attestation type the service holds
+// (Config.Quotas); zero: no limit.
+func (s *Server) groupLimit(attestationType string) int {
+	return s.cfg.Quotas.groups(attestationType != dps.AttestationX509)
 }
 
 // serveGroup answers PUT, GET and DELETE /enrollmentGroups/{id} (§7.1).
@@ -83,7 +81,7 @@ func (s *Server) serveGroup(w http.ResponseWriter, r *http.Request, trackingID, 
 // Unavailable, Internal.
 func (s *Server) putGroup(ctx context.Context, g *dps.EnrollmentGroup, ifMatch string) (*dps.EnrollmentGroup, error) {
 	fillSymmetricKeys(&g.Attestation)
-	return s.db.putGroup(ctx, *g, ifMatch, groupLimit(g.Attestation.Type), s.now())
+	return s.db.putGroup(ctx, *g, ifMatch, s.groupLimit(g.Attestation.Type), s.now())
 }
 
 // groupAttestationMechanism answers POST

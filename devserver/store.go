@@ -55,6 +55,12 @@ type store struct {
 	// groupsGen grows after every committed write to enrollment_groups,
 	// so that caches of groups (see groupKeys) know when to reload.
 	groupsGen atomic.Int64
+
+	// The count limits of Quotas (zero: none), set once after
+	// openStore, and the row counts they are checked against
+	// (quota_store.go).
+	maxEnrollments, maxRegistrations int
+	enrollmentRows, registrationRows rowCount
 }
 
 // openStore opens (creating them if needed) the database and the data key
@@ -304,6 +310,7 @@ func (s *store) putEnrollment(ctx context.Context, e dps.IndividualEnrollment, i
 	}
 	defer tx.Rollback()
 	var oldETag, created string
+	committed := false
 	err = tx.QueryRowContext(ctx, `SELECT etag, created FROM enrollments WHERE id = ?`, id).Scan(&oldETag, &created)
 	exists := err == nil
 	if err != nil && !errors.Is(err, sql.ErrNoRows) {
@@ -318,6 +325,10 @@ func (s *store) putEnrollment(ctx context.Context, e dps.IndividualEnrollment, i
 			"enrollment %q: %w (If-Match %s): read the enrollment again and retry with its etag", e.RegistrationID, errETagMismatch, ifMatch)
 	}
 	if !exists {
+		if err := s.enrollmentRows.reserve(ctx, tx, op, "enrollments", "individual enrollments", s.maxEnrollments); err != nil {
+			return nil, err
+		}
+		defer s.enrollmentRows.settle(&committed)
 		created = encTime(now)
 	}
 	etag := newETag()
@@ -334,6 +345,7 @@ func (s *store) putEnrollment(ctx context.Context, e dps.IndividualEnrollment, i
 	if err := tx.Commit(); err != nil {
 		return nil, dbError(op, err)
 	}
+	committed = true
 	e.ETag = etag
 	e.CreatedDateTimeUTC = dps.Time{Time: decTime(created)}
 	e.LastUpdatedDateTimeUTC = dps.Time{Time: decTime(encTime(now))}
@@ -586,6 +598,19 @@ func (s *store) startOperation(ctx context.Context, opID, registrationID, group 
 	if _, err := tx.ExecContext(ctx, `DELETE FROM operations WHERE expires < ?`, encTime(now)); err != nil {
 		return dbError(op, err)
 	}
+	committed := false
+	if s.maxRegistrations > 0 { // a new registration must fit under the limit
+		var one int
+		err = tx.QueryRowContext(ctx, `SELECT 1 FROM registrations WHERE id = ?`, id).Scan(&one)
+		if errors.Is(err, sql.ErrNoRows) {
+			if err := s.registrationRows.reserve(ctx, tx, op, "registrations", "device registrations", s.maxRegistrations); err != nil {
+				return err
+			}
+			defer s.registrationRows.settle(&committed)
+		} else if err != nil {
+			return dbError(op, err)
+		}
+	}
 	_, err = tx.ExecContext(ctx,
 		`INSERT INTO registrations (id, registration_id, status, operation, etag, created, updated, enrollment_group) VALUES (?, ?, ?, ?, ?, ?, ?, ?)
 		 ON CONFLICT (id) DO UPDATE SET status = excluded.status, error_code = 0, error_message = '',
@@ -604,7 +629,11 @@ func (s *store) startOperation(ctx context.Context, opID, registrationID, group 
 	if err != nil {
 		return dbError(op, err)
 	}
-	return dbError(op, tx.Commit())
+	if err := tx.Commit(); err != nil {
+		return dbError(op, err)
+	}
+	committed = true
+	return nil
 }
 
 // operation returns an operation that has not expired at now.

@@ -26,6 +26,9 @@ type dpsOptions struct {
 	// issuer, when set, answers the CSRs devices send with their
 	// registration with certificates from the station CA.
 	issuer devserver.CertificateIssuer
+	// quotas are the DPS's limits and throttles; the zero value (the
+	// station's) throttles nothing.
+	quotas devserver.Quotas
 }
 
 // embeddedDPS is the devserver and its embedded hub, running.
@@ -45,7 +48,7 @@ func startEmbeddedDPS(ctx context.Context, dir string, o dpsOptions, log *slog.L
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	cfg := devserver.EmbeddedConfig{DataDir: dir, Addr: o.addr, HubAddr: o.hubAddr, MQTTAddr: o.mqttAddr, IDScope: o.idScope, RetryAfter: o.retryAfter, Logger: log, Issuer: o.issuer}
+	cfg := devserver.EmbeddedConfig{DataDir: dir, Addr: o.addr, HubAddr: o.hubAddr, MQTTAddr: o.mqttAddr, IDScope: o.idScope, RetryAfter: o.retryAfter, Logger: log, Issuer: o.issuer, Quotas: o.quotas}
 	if o.tlsCert != "" || o.tlsKey != "" {
 		cert, err := tls.LoadX509KeyPair(o.tlsCert, o.tlsKey)
 		if err != nil {

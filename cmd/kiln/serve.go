@@ -2,9 +2,12 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"path/filepath"
 	"time"
+
+	"github.com/kilnworks/kiln/devserver"
 )
 
 // runServe is `kiln serve`: the embedded DPS alone, headless, as a DPS
@@ -26,7 +29,11 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	fs.StringVar(&o.tlsKey, "tls-key", "", "PEM key of --tls-cert")
 	asJSON := fs.Bool("json", false, "print the endpoints as one JSON object")
 	issue := fs.Bool("issue-certs", false, "answer the CSRs devices send with their registration (clientCertificateCsr) with certificates from the station CA (kiln ca)")
+	quotas := quotaFlags(fs)
 	if err := parse(fs, args, false); err != nil {
+		return err
+	}
+	if o.quotas, err = quotas(); err != nil {
 		return err
 	}
 	if *issue {
@@ -68,11 +75,86 @@ func runServe(ctx context.Context, e *env, args []string) error {
 		}
 		fmt.Fprintf(w, "  IoT hub            %s (MQTT over TLS)\n", info.Hub)
 		fmt.Fprintf(w, "  trust bundle       %s (for Node: NODE_EXTRA_CA_CERTS=%s)\n", info.TrustBundle, info.TrustBundle)
+		fmt.Fprintf(w, "  throttling         %s\n", throttleText(o.quotas))
 		fmt.Fprintln(w, "Press Ctrl-C to stop.")
 	}
 	syncStdout(e)
 	<-ctx.Done()
 	return nil
+}
+
+// quotaFlags defines the flags of the DPS's limits and throttles, DPS's
+// own by default (dps-protocol.md §10), and returns the function that
+// reads them once parsed. --throttle=false turns every rate quota off, as
+// the station's embedded DPS runs; a count limit of 0 is no limit.
+func quotaFlags(fs *flag.FlagSet) func() (devserver.Quotas, error) {
+	throttle := fs.Bool("throttle", true, "throttle as DPS does (429 with retry-after over a rate quota); false: serve at line speed")
+	regs := fs.Int("registrations-per-minute", devserver.DPSRegistrationsPerMinute, "device register and lookup requests per minute, whole service; 0: no throttle")
+	ops := fs.Int("operations-per-minute", devserver.DPSOperationsPerMinute, "service API requests per minute; 0: no throttle")
+	polls := fs.Int("polls-per-device", devserver.DPSPollsPerDevice, "operation status polls per device per --poll-window; 0: no throttle")
+	window := fs.Duration("poll-window", devserver.DPSPollWindow, "window of --polls-per-device")
+	enrollments := fs.Int("max-enrollments", devserver.DPSMaxEnrollments, "most individual enrollments; 0: no limit")
+	registrations := fs.Int("max-registrations", devserver.DPSMaxRegistrations, "most device registration states; 0: no limit")
+	symGroups := fs.Int("max-symmetric-key-groups", devserver.MaxSymmetricKeyGroups, "most symmetric-key enrollment groups; 0: no limit")
+	x509Groups := fs.Int("max-x509-groups", devserver.MaxX509Groups, "most X.509 enrollment groups; 0: no limit")
+	message := fs.Int("max-message-bytes", devserver.DPSMaxMessageBytes, "largest request body or MQTT publish, in bytes")
+	return func() (devserver.Quotas, error) {
+		count := func(name string, v int) (int, error) {
+			switch {
+			case v < 0:
+				return 0, usagef("--%s %d: give 0 (no limit) or more", name, v)
+			case v == 0:
+				return -1, nil
+			}
+			return v, nil
+		}
+		var q devserver.Quotas
+		var err error
+		for _, c := range []struct {
+			name string
+			v    int
+			to   *int
+		}{{"max-enrollments", *enrollments, &q.MaxEnrollments}, {"max-registrations", *registrations, &q.MaxRegistrations},
+			{"max-symmetric-key-groups", *symGroups, &q.MaxSymmetricKeyGroups}, {"max-x509-groups", *x509Groups, &q.MaxX509Groups}} {
+			if *c.to, err = count(c.name, c.v); err != nil {
+				return q, err
+			}
+		}
+		if *message <= 0 {
+			return q, usagef("--max-message-bytes %d: give a positive size (DPS's is %d)", *message, devserver.DPSMaxMessageBytes)
+		}
+		q.MaxMessageBytes = *message
+		if *throttle {
+			for _, r := range []struct {
+				name string
+				v    int
+			}{{"registrations-per-minute", *regs}, {"operations-per-minute", *ops}, {"polls-per-device", *polls}} {
+				if r.v < 0 {
+					return q, usagef("--%s %d: give 0 (no throttle) or more", r.name, r.v)
+				}
+			}
+			if *window <= 0 {
+				return q, usagef("--poll-window %s: give a positive duration", *window)
+			}
+			q.RegistrationsPerMinute, q.OperationsPerMinute, q.PollsPerDevice, q.PollWindow = *regs, *ops, *polls, *window
+		}
+		return q, nil
+	}
+}
+
+// throttleText describes the rate quotas for the operator.
+func throttleText(q devserver.Quotas) string {
+	if q.RegistrationsPerMinute == 0 && q.OperationsPerMinute == 0 && q.PollsPerDevice == 0 {
+		return "off (line speed)"
+	}
+	per := func(n int, unit string) string {
+		if n == 0 {
+			return "unlimited " + unit
+		}
+		return fmt.Sprintf("%d %s", n, unit)
+	}
+	return per(q.RegistrationsPerMinute, "registrations/min") + ", " + per(q.OperationsPerMinute, "service operations/min") + ", " +
+		per(q.PollsPerDevice, "polls per device") + " per " + q.PollWindow.String() + " (429 with retry-after beyond; --throttle=false for line speed)"
 }
 
 type serveInfo struct {

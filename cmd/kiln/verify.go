@@ -100,7 +100,7 @@ func (d *dpsCheck) WaitTelemetry(ctx context.Context, hub, deviceID string) (tim
 // startEndToEnd starts the embedded DPS of the data directory and returns
 // the end-to-end check that runs against it, and the DPS itself.
 func startEndToEnd(ctx context.Context, e *env, c *config) (*station.EndToEnd, *embeddedDPS, func(), error) {
-	d, err := startEmbeddedDPS(ctx, filepath.Join(c.Home, "devserver"), dpsOptions{addr: "127.0.0.1:0", hubAddr: "127.0.0.1:0", retryAfter: time.Second}, e.logger())
+	d, err := startEmbeddedDPS(ctx, filepath.Join(c.Home, "devserver"), dpsOptions{addr: "127.0.0.1:0", hubAddr: "127.0.0.1:0", retryAfter: time.Second, quotas: devserver.NoQuotas()}, e.logger())
 	if err != nil {
 		return nil, nil, nil, err
 	}
