@@ -29,7 +29,6 @@ func WriteHTML(w io.Writer, rep *Report) error {
 		v.Scenarios = append(v.Scenarios, scenarioView(s))
 	}
 	v.Yield = percent(v.Passed, v.Units)
-	v.OK = rep.OK(false)
 	if err := page.Execute(w, v); err != nil {
 		return fmt.Errorf("write HTML report: %w", err)
 	}
@@ -42,8 +41,8 @@ type htmlView struct {
 	Met, NotMet, NotAvailable int
 	Passed, Units             int
 	Yield                     string
-	OK                        bool
-	Scenarios                 []scView
+
+	Scenarios []scView
 }
 
 type scView struct {
@@ -276,18 +275,19 @@ var page = template.Must(template.New("report").Funcs(template.FuncMap{
 <html lang="en"><head><meta charset="utf-8">
 <title>Kiln QA report – {{.Station}}</title>
 <style>
-body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px;color:#222;max-width:1000px}
+body{font:14px/1.4 system-ui,-apple-system,"Segoe UI",sans-serif;margin:24px;color:#222;max-width:1100px}
 h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 6px;border-bottom:1px solid #ddd;padding-bottom:4px}
 table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;font-size:13px} th{background:#f4f4f4}
 .met{color:#187a2f;font-weight:600} .not-met{color:#c00;font-weight:600} .not-available{color:#a66b00;font-weight:600}
-.badge{display:inline-block;padding:4px 12px;border-radius:4px;color:#fff;font-weight:700} .ok{background:#187a2f} .bad{background:#c00}
+.badge{display:inline-block;padding:4px 12px;border-radius:4px;color:#fff;font-weight:700} .ok{background:#187a2f} .bad{background:#c00} .na{background:#a66b00}
+td{white-space:nowrap} td.w{white-space:normal}
 .muted{color:#777} pre{background:#f7f7f7;padding:8px;overflow:auto;max-height:400px;font-size:12px}
 .tiles{display:flex;gap:12px;margin:12px 0} .tile{border:1px solid #ddd;border-radius:6px;padding:8px 14px;min-width:110px}
 .tile b{display:block;font-size:22px}
 </style></head><body>
 <h1>Kiln QA report</h1>
 <p class="muted">Station {{.Station}} · started {{.Started.UTC.Format "2006-01-02 15:04:05"}} UTC · {{secs .Duration}} · written {{.Generated}}</p>
-<p>{{if .OK}}<span class="badge ok">ALL EXPECTATIONS MET</span>{{else}}<span class="badge bad">EXPECTATIONS NOT MET</span>{{end}}</p>
+<p>{{if .NotMet}}<span class="badge bad">EXPECTATIONS NOT MET</span>{{else if .NotAvailable}}<span class="badge na">EVERY SCENARIO RUN MET ITS EXPECTATIONS · {{.NotAvailable}} NOT AVAILABLE</span>{{else}}<span class="badge ok">ALL EXPECTATIONS MET</span>{{end}}</p>
 <div class="tiles">
 <div class="tile"><b>{{len .Scenarios}}</b>scenarios</div>
 <div class="tile"><b class="met">{{.Met}}</b>met</div>
@@ -297,7 +297,7 @@ table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ddd;padding
 <div class="tile"><b>{{.Yield}}</b>yield (negative cases included)</div>
 </div>
 <table><tr><th>scenario</th><th>method</th><th>slots</th><th>units</th><th>yield</th><th>time</th><th>outcome</th><th>reason</th></tr>
-{{range .Scenarios}}<tr><td><a href="#{{.Name}}">{{.Name}}</a></td><td>{{.Method}}</td><td>{{.Slots}}</td><td>{{len .Units}}</td><td>{{.Yield}}</td><td>{{secs .Duration}}</td><td class="{{.Class}}">{{.Outcome}}</td><td>{{.Reason}}</td></tr>
+{{range .Scenarios}}<tr><td><a href="#{{.Name}}">{{.Name}}</a></td><td>{{.Method}}</td><td>{{.Slots}}</td><td>{{len .Units}}</td><td>{{.Yield}}</td><td>{{secs .Duration}}</td><td class="{{.Class}}">{{.Outcome}}</td><td class="w">{{.Reason}}</td></tr>
 {{end}}</table>
 {{range .Scenarios}}
 <h2 id="{{.Name}}">{{.Name}} <span class="{{.Class}}">{{.Outcome}}</span></h2>
@@ -309,8 +309,8 @@ table{border-collapse:collapse;margin:8px 0} td,th{border:1px solid #ddd;padding
 {{range .Steps}}<tr><td>{{.Name}}</td><td>{{.Count}}</td><td>{{.Failed}}</td><td>{{.Mean}}</td><td>{{.Max}}</td><td>{{.Sum}}</td></tr>
 {{end}}</table>{{end}}
 <table><tr><th>unit</th><th>slot</th><th>serial</th><th>port</th><th>run</th><th>time</th><th>expected</th><th>got</th><th>outcome</th></tr>
-{{range .Units}}<tr><td>{{.Name}}</td><td>{{.Slot}}</td><td>{{.Serial}}</td><td>{{.Port}}</td><td>{{if .Run}}{{.Run.ID}}{{end}}</td><td>{{secs .Duration}}</td><td>{{.Expect}}</td>
-<td>{{if .Passed}}pass{{else if .Error}}fail at {{.Step}} ({{.Kind}}): {{.Error}}{{end}}</td><td class="{{class .Outcome}}">{{.Outcome}}{{if .Why}}: {{.Why}}{{end}}</td></tr>
+{{range .Units}}<tr><td>{{.Name}}</td><td>{{if .Slot}}{{.Slot}}{{else}}–{{end}}</td><td>{{.Serial}}</td><td>{{.Port}}</td><td>{{if .Run}}{{.Run.ID}}{{end}}</td><td>{{secs .Duration}}</td><td class="w">{{.Expect}}</td>
+<td class="w">{{if .Passed}}pass{{else if .Error}}fail at {{.Step}} ({{.Kind}}): {{.Error}}{{end}}</td><td class="w {{class .Outcome}}">{{.Outcome}}{{if .Why}}: {{.Why}}{{end}}</td></tr>
 {{end}}</table>
 <details><summary>Raw evidence</summary>
 {{range .Evidence}}<h3>{{.Name}}</h3><pre>{{.Text}}</pre>{{end}}
