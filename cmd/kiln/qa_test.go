@@ -376,3 +376,39 @@ func BenchmarkSlots115200(b *testing.B) {
 	b.ReportMetric(perMin(eight), "units/min-8slots")
 	b.ReportMetric(float64(one)/float64(eight), "x-1slot")
 }
+
+// TestQARealPorts runs a scenario on ports, as a bench with real DUTs
+// does: here a DUT the test started on a pty, whose maker's root is in the
+// station's configured EK roots.
+func TestQARealPorts(t *testing.T) {
+	home, out := t.TempDir(), t.TempDir()
+	d, _ := startDUT(t, dutOpts{serial: "BENCH-PORT-1", lineRate: -1})
+	cfg := fmt.Sprintf(`{"ek_roots": %q}`, d.roots)
+	if err := os.WriteFile(filepath.Join(home, configFile), []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	sc := filepath.Join(t.TempDir(), "ports.scenario")
+	src := "name: on-ports\nmethod: tpm\nport: " + d.path + "\nek-cert-policy: require\nexpect: pass\n"
+	if err := os.WriteFile(sc, []byte(src), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	code, stdout, stderr := kiln(t, home, "qa", "run", "--out", out, sc)
+	if code != exitPass || !strings.Contains(stdout, "BENCH-PORT-1") {
+		t.Fatalf("exit %d\n%s\n%s", code, stdout, stderr)
+	}
+	runs, err := openStoreAt(t, filepath.Join(out, "kiln.db")).Runs(t.Context(), station.RunFilter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(runs) != 1 || runs[0].Port != d.path || runs[0].Serial != "BENCH-PORT-1" || stepStatuses(runs[0])[station.StepValidateEK] != station.StepOK {
+		t.Errorf("runs %+v", runs)
+	}
+	// The same DUT again is a duplicate in the same store.
+	src = strings.Replace(src, "expect: pass", "expect: fail step=check-duplicates kind=conflict", 1)
+	if err := os.WriteFile(sc, []byte(src), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if code, stdout, _ := kiln(t, home, "qa", "run", "--out", out, sc); code != exitPass {
+		t.Errorf("the same DUT again: exit %d\n%s", code, stdout)
+	}
+}
