@@ -40,14 +40,14 @@ func FuzzParse(f *testing.F) {
 		}
 		// What String writes back parses to the same fault and expectation.
 		for _, fl := range s.Faults {
-			src := "name: x\nmethod: tpm\nsimulated: " + itoa(n) + "\nexpect: pass\nfault: " + fl.String() + "\n"
+			src := "name: x\nmethod: " + string(s.Method) + "\nsimulated: " + itoa(n) + "\nexpect: pass\nfault: " + fl.String() + "\n"
 			back, err := qa.Parse("again", []byte(src))
 			if err != nil || back.Faults[0].String() != fl.String() {
 				t.Fatalf("fault %q does not parse back: %v", fl.String(), err)
 			}
 		}
 		for _, e := range s.Expect {
-			src := "name: x\nmethod: tpm\nsimulated: " + itoa(n) + "\nexpect: " + e.String() + "\n"
+			src := "name: x\nmethod: " + string(s.Method) + "\nsimulated: " + itoa(n) + "\nexpect: " + e.String() + "\n"
 			if e.Units != nil {
 				src += "expect: pass\n"
 			}

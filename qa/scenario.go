@@ -404,6 +404,12 @@ func (s *Scenario) check() error {
 		if f.Kind == FaultDuplicateSerial && slices.Contains(f.Units, 1) {
 			return fail("fault duplicate-serial gives units unit 1's serial: it cannot name unit 1")
 		}
+		if f.Kind == FaultWrongEK && s.Method != station.MethodTPM {
+			return fail("fault wrong-ek needs method tpm: only TPM units have an EK enrolled")
+		}
+		if f.Kind == FaultExpiredCert && s.Method != station.MethodX509 {
+			return fail("fault expired-certificate needs method x509")
+		}
 		if f.Kind == FaultDuplicateSerial && f.Units == nil {
 			return fail("fault duplicate-serial needs units=: the units that report unit 1's serial")
 		}

@@ -88,6 +88,8 @@ func TestScenarioParseErrors(t *testing.T) {
 		{"dut fault on ports", "name: x\nmethod: tpm\nport: /dev/ttyUSB0\nexpect: pass\nfault: garbage\n", "real ports cannot do it"},
 		{"duplicate-serial unit 1", base + "fault: duplicate-serial units=1\n", "cannot name unit 1"},
 		{"duplicate-serial all", base + "fault: duplicate-serial\n", "needs units="},
+		{"wrong-ek without tpm", "name: x\nmethod: symkey\nsimulated: 1\nexpect: pass\nfault: wrong-ek\n", "fault wrong-ek needs method tpm"},
+		{"expired cert without x509", base + "fault: expired-certificate\n", "fault expired-certificate needs method x509"},
 		{"bad skew", base + "fault: clock-skew by=soon\n", "a non-zero duration"},
 		{"pass with step", "name: x\nmethod: tpm\nsimulated: 1\nexpect: pass step=record\n", "expect pass takes only units="},
 		{"bad kind", "name: x\nmethod: tpm\nsimulated: 1\nexpect: fail kind=oops\n", `kind "oops"`},

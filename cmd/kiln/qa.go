@@ -202,6 +202,9 @@ func (b *qaBench) Close() error { return b.store.Close() }
 
 // Open builds the station of one scenario.
 func (b *qaBench) Open(ctx context.Context, sc *qa.Scenario) (qa.Station, error) {
+	if _, ok := sc.Fault(qa.FaultDisabled); ok && sc.Method != station.MethodTPM {
+		return nil, fmt.Errorf("fault disabled-enrollment is %w for method %s: the station disables TPM enrollments only", qa.ErrNotAvailable, sc.Method)
+	}
 	for _, k := range []qa.FaultKind{qa.FaultExpiredCert, qa.FaultDisabledGroup} {
 		if _, ok := sc.Fault(k); ok {
 			return nil, fmt.Errorf("fault %s is %w: it needs the X.509 and symmetric-key methods, with enrollment groups, in the station's provisioner", k, qa.ErrNotAvailable)
@@ -233,7 +236,7 @@ func (b *qaBench) Open(ctx context.Context, sc *qa.Scenario) (qa.Station, error)
 		}
 	}
 	check := &dpsCheck{svc: svc, hub: emb.Hub}
-	enr := &qaEnroller{svc: svc}
+	enr := &qaEnroller{dpsCheck: check}
 	if _, ok := sc.Fault(qa.FaultWrongEK); ok {
 		if enr.wrongEK, err = otherEK(); err != nil {
 			st.Close()
@@ -444,10 +447,11 @@ func (t *throttle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	t.next.ServeHTTP(w, r)
 }
 
-// qaEnroller creates the units' enrollments through the DPS service API,
-// with the enrollment faults done to them.
+// qaEnroller creates the units' enrollments through the DPS service API
+// as the station's end-to-end check does (dpsCheck, whose other methods it
+// keeps), with the enrollment faults done to TPM enrollments.
 type qaEnroller struct {
-	svc       *dps.ServiceClient
+	*dpsCheck
 	wrongEK   []byte // non-nil: enrol this EK instead of the unit's
 	disabled  bool
 	wrong     atomic.Int64
@@ -464,7 +468,7 @@ func (q *qaEnroller) EnrollTPM(ctx context.Context, regID string, ekPublic []byt
 		en.ProvisioningStatus = "disabled"
 		q.disabledN.Add(1)
 	}
-	_, err := q.svc.PutEnrollment(ctx, en, "")
+	_, err := q.dpsCheck.svc.PutEnrollment(ctx, en, "")
 	return err
 }
 
