@@ -32,8 +32,11 @@ type Scenario struct {
 	EKCertPolicy station.EKCertPolicy
 	SerialPrefix string
 	Timeout      time.Duration // per unit
-	Faults       []Fault
-	Expect       []Expect // at most one without Units: the default
+	// Verify is the end-to-end check: true (the default) proves each unit
+	// against the scenario's DPS; false stops at the station's own steps.
+	Verify bool
+	Faults []Fault
+	Expect []Expect // at most one without Units: the default
 }
 
 // FaultKind names a fault a scenario injects.
@@ -241,7 +244,7 @@ func Load(paths ...string) ([]*Scenario, error) {
 // or after a space outside quotes); blank lines are ignored. Errors are
 // Invalid and name the line.
 func Parse(file string, data []byte) (*Scenario, error) {
-	s := &Scenario{File: file, Slots: 1, Repeat: 1, LineRate: 115200, EKCertPolicy: station.EKCertRequire, SerialPrefix: "QA-", Timeout: 2 * time.Minute}
+	s := &Scenario{File: file, Slots: 1, Repeat: 1, LineRate: 115200, EKCertPolicy: station.EKCertRequire, SerialPrefix: "QA-", Timeout: 2 * time.Minute, Verify: true}
 	seen := map[string]int{}
 	for i, raw := range strings.Split(string(data), "\n") {
 		n := i + 1
@@ -329,6 +332,15 @@ func Parse(file string, data []byte) (*Scenario, error) {
 				return nil, fail("timeout %q: a duration from 1s to 1h, like 90s", clip(val))
 			}
 			s.Timeout = d
+		case "verify":
+			switch val {
+			case "embedded":
+				s.Verify = true
+			case "off":
+				s.Verify = false
+			default:
+				return nil, fail("verify %q: use embedded (the scenario's DPS and hub) or off", clip(val))
+			}
 		case "fault":
 			f, err := parseFault(val)
 			if err != nil {
@@ -345,7 +357,7 @@ func Parse(file string, data []byte) (*Scenario, error) {
 			}
 			s.Expect = append(s.Expect, e)
 		default:
-			return nil, fail("unknown key %q: use name, description, method, simulated, port, slots, repeat, line-rate, ek-cert-policy, serial-prefix, timeout, fault or expect", clip(key))
+			return nil, fail("unknown key %q: use name, description, method, simulated, port, slots, repeat, line-rate, ek-cert-policy, serial-prefix, timeout, verify, fault or expect", clip(key))
 		}
 	}
 	return s, s.check()
@@ -403,6 +415,9 @@ func (s *Scenario) check() error {
 		}
 		if f.Kind == FaultDuplicateSerial && slices.Contains(f.Units, 1) {
 			return fail("fault duplicate-serial gives units unit 1's serial: it cannot name unit 1")
+		}
+		if !f.Kind.DUTFault() && !s.Verify {
+			return fail("fault %s acts on the DPS, but verify is off: remove one of them", f.Kind)
 		}
 		if f.Kind == FaultWrongEK && s.Method != station.MethodTPM {
 			return fail("fault wrong-ek needs method tpm: only TPM units have an EK enrolled")

@@ -269,6 +269,9 @@ func (b *qaBench) Open(ctx context.Context, sc *qa.Scenario) (qa.Station, error)
 		EndToEnd: &station.EndToEnd{Enroller: enr, Observer: check, Verify: verify, Timeout: sc.Timeout},
 		Batches:  b.store,
 	}
+	if !sc.Verify {
+		st.p.EndToEnd = nil
+	}
 	return st, nil
 }
 
@@ -357,7 +360,11 @@ func (s *qaStation) StartDUT(ctx context.Context, spec qa.DUTSpec) (qa.DUT, erro
 func (s *qaStation) Evidence(ctx context.Context) []qa.Evidence {
 	var ev []qa.Evidence
 	var f []string
-	f = append(f, fmt.Sprintf("DPS %s, ID scope %s; the DUTs were given ID scope %s and endpoint %s", s.dps.DPS.Addr(), s.dps.DPS.IDScope(), s.idScope, s.p.EndToEnd.Verify.GlobalEndpoint))
+	if s.p.EndToEnd == nil {
+		f = append(f, "no end-to-end check (verify: off): the units were not proven against a DPS")
+	} else {
+		f = append(f, fmt.Sprintf("DPS %s, ID scope %s; the DUTs were given ID scope %s and endpoint %s", s.dps.DPS.Addr(), s.dps.DPS.IDScope(), s.idScope, s.p.EndToEnd.Verify.GlobalEndpoint))
+	}
 	if fl, ok := s.sc.Fault(qa.FaultClockSkew); ok {
 		f = append(f, fmt.Sprintf("the DPS clock ran %s ahead of the DUTs' clocks", fl.Skew))
 	}

@@ -412,3 +412,32 @@ func TestQARealPorts(t *testing.T) {
 		t.Errorf("the same DUT again: exit %d\n%s", code, stdout)
 	}
 }
+
+// TestQAVerifyOff: a scenario without the end-to-end check runs the
+// station's own steps only.
+func TestQAVerifyOff(t *testing.T) {
+	home, out := t.TempDir(), t.TempDir()
+	sc := filepath.Join(t.TempDir(), "off.scenario")
+	if err := os.WriteFile(sc, []byte("name: off\nmethod: tpm\nsimulated: 2\nslots: 2\nline-rate: unthrottled\nverify: off\nexpect: pass\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if code, stdout, stderr := kiln(t, home, "qa", "run", "--out", out, sc); code != exitPass {
+		t.Fatalf("exit %d\n%s\n%s", code, stdout, stderr)
+	}
+	runs, err := openStoreAt(t, filepath.Join(out, "kiln.db")).Runs(t.Context(), station.RunFilter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(runs) != 2 {
+		t.Fatalf("%d runs, want 2", len(runs))
+	}
+	for _, r := range runs {
+		var names []string
+		for _, s := range r.Steps {
+			names = append(names, s.Name)
+		}
+		if got, want := strings.Join(names, ","), strings.Join(station.TPMSteps, ","); got != want || r.DPSStatus != "" {
+			t.Errorf("run %d: steps %s (DPS %q), want %s and no DPS", r.ID, got, r.DPSStatus, want)
+		}
+	}
+}
