@@ -47,7 +47,8 @@ type Station interface {
 // DUTSpec describes a simulated DUT.
 type DUTSpec struct {
 	Serial   string
-	LineRate int // bits/s at 10 bits per byte; negative: unthrottled
+	TPM      string // "sim" or "swtpm"
+	LineRate int    // bits/s at 10 bits per byte; negative: unthrottled
 	Faults   fixtures.DUTFaults
 }
 
@@ -364,7 +365,7 @@ func (r *Runner) runUnit(ctx context.Context, st Station, sc *Scenario, slot int
 	ctx, cancel := context.WithTimeout(ctx, sc.Timeout)
 	defer cancel()
 	if len(sc.Ports) == 0 {
-		d, err := st.StartDUT(ctx, DUTSpec{Serial: j.serial, LineRate: sc.LineRate, Faults: j.faults})
+		d, err := st.StartDUT(ctx, DUTSpec{Serial: j.serial, TPM: sc.DUTTPM, LineRate: sc.LineRate, Faults: j.faults})
 		if err != nil {
 			u.Error, u.Kind = err.Error(), KindName(station.KindOf(err))
 			u.Outcome, u.Why = NotMet, "the simulated DUT did not start: "+err.Error()

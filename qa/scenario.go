@@ -28,7 +28,10 @@ type Scenario struct {
 	Slots     int // units provisioned in parallel; at least 1
 	Repeat    int // repetitions; at least 1
 	// LineRate is the simulated DUTs' line rate (8N1); negative: unthrottled.
-	LineRate     int
+	LineRate int
+	// DUTTPM is the simulated DUTs' TPM: "sim" (the reference simulator,
+	// the default) or "swtpm" (with an EK certificate by swtpm_setup).
+	DUTTPM       string
 	EKCertPolicy station.EKCertPolicy
 	SerialPrefix string
 	Timeout      time.Duration // per unit
@@ -244,7 +247,7 @@ func Load(paths ...string) ([]*Scenario, error) {
 // or after a space outside quotes); blank lines are ignored. Errors are
 // Invalid and name the line.
 func Parse(file string, data []byte) (*Scenario, error) {
-	s := &Scenario{File: file, Slots: 1, Repeat: 1, LineRate: 115200, EKCertPolicy: station.EKCertRequire, SerialPrefix: "QA-", Timeout: 2 * time.Minute, Verify: true}
+	s := &Scenario{File: file, Slots: 1, Repeat: 1, LineRate: 115200, EKCertPolicy: station.EKCertRequire, SerialPrefix: "QA-", Timeout: 2 * time.Minute, Verify: true, DUTTPM: "sim"}
 	seen := map[string]int{}
 	for i, raw := range strings.Split(string(data), "\n") {
 		n := i + 1
@@ -332,6 +335,11 @@ func Parse(file string, data []byte) (*Scenario, error) {
 				return nil, fail("timeout %q: a duration from 1s to 1h, like 90s", clip(val))
 			}
 			s.Timeout = d
+		case "dut-tpm":
+			if val != "sim" && val != "swtpm" {
+				return nil, fail("dut-tpm %q: use sim (the reference TPM simulator) or swtpm", clip(val))
+			}
+			s.DUTTPM = val
 		case "verify":
 			switch val {
 			case "embedded":
@@ -357,8 +365,11 @@ func Parse(file string, data []byte) (*Scenario, error) {
 			}
 			s.Expect = append(s.Expect, e)
 		default:
-			return nil, fail("unknown key %q: use name, description, method, simulated, port, slots, repeat, line-rate, ek-cert-policy, serial-prefix, timeout, verify, fault or expect", clip(key))
+			return nil, fail("unknown key %q: use name, description, method, simulated, port, slots, repeat, line-rate, ek-cert-policy, serial-prefix, timeout, dut-tpm, verify, fault or expect", clip(key))
 		}
+	}
+	if n, ok := seen["dut-tpm"]; ok && len(s.Ports) > 0 {
+		return nil, station.Errorf("parse scenario", station.KindInvalid, "%s:%d: dut-tpm is for simulated DUTs: real ports bring their own TPMs", file, n)
 	}
 	return s, s.check()
 }

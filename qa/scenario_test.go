@@ -37,7 +37,7 @@ expect: fail step=read-ek kind=unavailable text="the DUT # went away" units=2,3
 	want := &qa.Scenario{
 		Name: "slots-and-faults", Description: `first line second line with a "#quoted" word`, File: "a.scenario",
 		Method: station.MethodTPM, Simulated: 3, Slots: 2, Repeat: 2, LineRate: -1,
-		EKCertPolicy: station.EKCertWarn, SerialPrefix: "LINE7-", Timeout: 90 * time.Second, Verify: true,
+		EKCertPolicy: station.EKCertWarn, SerialPrefix: "LINE7-", Timeout: 90 * time.Second, Verify: true, DUTTPM: "sim",
 		Faults: []qa.Fault{
 			{Kind: qa.FaultDUTDrop, Units: []int{2, 3}, After: 4, Delay: 100 * time.Millisecond, Count: 2, Skew: 2 * time.Hour},
 			{Kind: qa.FaultThrottle, After: 2, Delay: 100 * time.Millisecond, Count: -1, Skew: 2 * time.Hour},
@@ -91,6 +91,8 @@ func TestScenarioParseErrors(t *testing.T) {
 		{"wrong-ek without tpm", "name: x\nmethod: symkey\nsimulated: 1\nexpect: pass\nfault: wrong-ek\n", "fault wrong-ek needs method tpm"},
 		{"expired cert without x509", base + "fault: expired-certificate\n", "fault expired-certificate needs method x509"},
 		{"dps fault without dps", base + "verify: off\nfault: throttle\n", "fault throttle acts on the DPS, but verify is off"},
+		{"bad dut-tpm", base + "dut-tpm: fpga\n", `dut-tpm "fpga": use sim`},
+		{"dut-tpm on ports", "name: x\nmethod: tpm\nport: /dev/ttyUSB0\ndut-tpm: swtpm\nexpect: pass\n", "s.scenario:4: dut-tpm is for simulated DUTs"},
 		{"bad verify", base + "verify: maybe\n", `verify "maybe": use embedded`},
 		{"bad skew", base + "fault: clock-skew by=soon\n", "a non-zero duration"},
 		{"pass with step", "name: x\nmethod: tpm\nsimulated: 1\nexpect: pass step=record\n", "expect pass takes only units="},

@@ -16,6 +16,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -182,6 +183,7 @@ type qaBench struct {
 	out     string
 	store   *sqlite.Store
 	simHome string   // KILN_HOME of the DUT processes: their EK roots
+	roots   *qaRoots // the EK roots of the simulated DUTs
 	self    []string // how to start kiln
 }
 
@@ -195,7 +197,9 @@ func newQABench(ctx context.Context, e *env, c *config, out string) (*qaBench, e
 		store.Close()
 		return nil, err
 	}
-	return &qaBench{e: e, c: c, out: out, store: store, simHome: filepath.Join(out, "sim"), self: []string{exe}}, nil
+	simHome := filepath.Join(out, "sim")
+	roots := &qaRoots{dirs: []string{filepath.Join(simHome, "simulator", "ek-roots")}}
+	return &qaBench{e: e, c: c, out: out, store: store, simHome: simHome, roots: roots, self: []string{exe}}, nil
 }
 
 func (b *qaBench) Close() error { return b.store.Close() }
@@ -253,9 +257,9 @@ func (b *qaBench) Open(ctx context.Context, sc *qa.Scenario) (qa.Station, error)
 		}
 	}
 	st.idScope = verify.IDScope
-	roots := []string{filepath.Join(b.simHome, "simulator", "ek-roots")}
+	var roots station.Verifier = b.roots
 	if len(sc.Ports) > 0 {
-		roots = []string{b.c.EKRoots}
+		roots = &qaRoots{dirs: []string{b.c.EKRoots}}
 	}
 	st.p = &station.Provisioner{
 		Store: b.store,
@@ -263,7 +267,7 @@ func (b *qaBench) Open(ctx context.Context, sc *qa.Scenario) (qa.Station, error)
 			return link.Open(ctx, port, link.Config{BaudRate: b.c.Baud, Logger: log})
 		},
 		Endorser: hsm.Endorser{},
-		Verifier: reloadingRoots(roots),
+		Verifier: roots,
 		Profile:  station.Profile{Station: b.c.Station, Method: sc.Method, RegID: station.RegIDFromEK, EKCertPolicy: sc.EKCertPolicy},
 		Logger:   log,
 		EndToEnd: &station.EndToEnd{Enroller: enr, Observer: check, Verify: verify, Timeout: sc.Timeout},
@@ -491,13 +495,28 @@ func otherEK() ([]byte, error) {
 	return tpm2.Marshal(tpm2.New2B(pub)), nil
 }
 
-// reloadingRoots is an EK root store read at each validation: simulated
-// DUTs add their maker's root as they start.
-type reloadingRoots []string
+// qaRoots is an EK root store read at each validation: simulated DUTs add
+// their maker's root as they start (to the simulator's folder, or a folder
+// of their swtpm's own).
+type qaRoots struct {
+	mu   sync.Mutex
+	dirs []string
+}
 
-func (r reloadingRoots) VerifyEKCert(ctx context.Context, e *station.Endorsement) error {
+func (r *qaRoots) add(dir string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if !slices.Contains(r.dirs, dir) {
+		r.dirs = append(r.dirs, dir)
+	}
+}
+
+func (r *qaRoots) VerifyEKCert(ctx context.Context, e *station.Endorsement) error {
+	r.mu.Lock()
+	dirs := slices.Clone(r.dirs)
+	r.mu.Unlock()
 	var last error
-	for _, dir := range r {
+	for _, dir := range dirs {
 		if _, err := os.Stat(dir); err != nil {
 			last = station.Errorf("validate EK certificate", station.KindNotFound, "no EK root store at %s: put the TPM makers' roots there", dir)
 			continue
@@ -540,7 +559,11 @@ func (d *simChild) Close() error {
 
 // startDUT starts one simulated DUT process and waits for its port.
 func (b *qaBench) startDUT(ctx context.Context, spec qa.DUTSpec) (*simChild, error) {
-	args := append(slices.Clone(b.self[1:]), "simulate", "--count", "1", "--tpm", "sim", "--serial", spec.Serial,
+	tpm := spec.TPM
+	if tpm == "" {
+		tpm = "sim"
+	}
+	args := append(slices.Clone(b.self[1:]), "simulate", "--count", "1", "--tpm", tpm, "--serial", spec.Serial,
 		"--line-rate", strconv.Itoa(spec.LineRate))
 	if spec.Faults.DropAfter > 0 {
 		args = append(args, "--drop-after", strconv.Itoa(spec.Faults.DropAfter))
@@ -581,6 +604,16 @@ func (b *qaBench) startDUT(ctx context.Context, spec qa.DUTSpec) (*simChild, err
 	case p, ok := <-got:
 		if ok && strings.HasPrefix(p, "/") {
 			d.port = p
+			if tpm == "swtpm" {
+				// Its EK certificate's root: swtpm_setup's own CA, named on
+				// the DUT's stderr line after the port.
+				dir, err := waitRoots(ctx, errb)
+				if err != nil {
+					d.Close()
+					return nil, err
+				}
+				b.roots.add(dir)
+			}
 			return d, nil
 		}
 		d.Close()
@@ -589,6 +622,23 @@ func (b *qaBench) startDUT(ctx context.Context, spec qa.DUTSpec) (*simChild, err
 		d.Close()
 		return nil, station.E("start simulated DUT", station.KindUnavailable, ctx.Err())
 	}
+}
+
+var rootsRE = regexp.MustCompile(`roots=(\S+)`)
+
+// waitRoots waits for the roots= of a swtpm DUT's stderr line.
+func waitRoots(ctx context.Context, errb *lockedWriter) (string, error) {
+	for range 100 {
+		if m := rootsRE.FindStringSubmatch(errb.String()); m != nil {
+			return m[1], nil
+		}
+		select {
+		case <-ctx.Done():
+			return "", station.E("start simulated DUT", station.KindUnavailable, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return "", station.Errorf("start simulated DUT", station.KindUnavailable, "the swtpm DUT did not name its EK roots: %s", strings.TrimSpace(errb.String()))
 }
 
 // lockedWriter keeps what a child writes, safe to read while it writes.
