@@ -221,7 +221,11 @@ func (b *qaBench) Open(ctx context.Context, sc *qa.Scenario) (qa.Station, error)
 		skew = f.Skew
 	}
 	dpsNow := func() time.Time { return time.Now().Add(skew) }
-	emb, err := startQADPS(ctx, filepath.Join(b.out, "dps", sc.Name), dpsNow, log)
+	// The DPS's log (refusals with their reasons, assignments) is evidence;
+	// the devserver logs no keys, tokens or blobs.
+	st.dpsLog = &lockedWriter{}
+	dpsLog := slog.New(slog.NewTextHandler(st.dpsLog, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	emb, err := startQADPS(ctx, filepath.Join(b.out, "dps", sc.Name), dpsNow, dpsLog)
 	if err != nil {
 		return nil, fmt.Errorf("start the scenario's DPS: %w", err)
 	}
@@ -343,6 +347,7 @@ type qaStation struct {
 	throttle *throttle
 	front    *http.Server
 	idScope  string
+	dpsLog   *lockedWriter
 
 	closeOnce sync.Once
 }
@@ -394,6 +399,14 @@ func (s *qaStation) Evidence(ctx context.Context) []qa.Evidence {
 			}
 		}
 		ev = append(ev, qa.Evidence{Name: "DPS metrics", Text: strings.Join(lines, "\n")})
+	}
+	if s.dpsLog != nil {
+		lines := strings.Split(strings.TrimSpace(s.dpsLog.String()), "\n")
+		const keep = 300
+		if len(lines) > keep {
+			lines = append([]string{fmt.Sprintf("(%d earlier lines left out)", len(lines)-keep)}, lines[len(lines)-keep:]...)
+		}
+		ev = append(ev, qa.Evidence{Name: "DPS and hub log", Text: strings.Join(lines, "\n")})
 	}
 	return ev
 }

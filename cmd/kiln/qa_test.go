@@ -136,7 +136,8 @@ func TestQARunScenarioLibrary(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, want := range []string{"enrollments were written with another TPM", "enrollments were written disabled",
-		"answered 429 (retry-after 1) to", "the DPS clock ran 2h0m0s ahead", "kiln_dps_registrations_total"} {
+		"answered 429 (retry-after 1) to", "the DPS clock ran 2h0m0s ahead", "kiln_dps_registrations_total",
+		"token expired at", "The enrollment is disabled", "assignment done"} {
 		if !strings.Contains(string(html), want) {
 			t.Errorf("the HTML report's evidence lacks %q", want)
 		}
