@@ -7,6 +7,7 @@ import (
 	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -670,4 +671,79 @@ func (l *lockedWriter) String() string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.b.String()
+}
+
+// portList is a repeatable --port flag; each value may be a comma-separated
+// list.
+type portList []string
+
+func (p *portList) String() string { return strings.Join(*p, ",") }
+
+func (p *portList) Set(v string) error {
+	for _, x := range strings.Split(v, ",") {
+		if x = strings.TrimSpace(x); x == "" {
+			return fmt.Errorf("an empty port in %q", v)
+		}
+		if slices.Contains(*p, x) {
+			return fmt.Errorf("port %s is given twice: one slot per port", x)
+		}
+		*p = append(*p, x)
+	}
+	return nil
+}
+
+// provisionSlots provisions the DUTs on ports in parallel, one slot each,
+// with one provisioner (one store, CA and DPS). Text output prefixes each
+// step with its port; JSON output is one record per line, in port order.
+func provisionSlots(ctx context.Context, e *env, c *config, ports []string, operator string, asJSON bool) error {
+	p, closeFn, err := newProvisioner(ctx, e, c)
+	if err != nil {
+		return err
+	}
+	defer closeFn()
+	var mu sync.Mutex
+	if !asJSON {
+		fmt.Fprintf(e.stdout, "provisioning %d DUTs in parallel on %s (station %s, operator %s, method %s)\n", len(ports), strings.Join(ports, ", "), c.Station, operator, c.Method)
+		p.OnStep = func(ev station.StepEvent) {
+			if !ev.Done {
+				return
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			fmt.Fprintf(e.stdout, "%s ", ev.Port)
+			printStep(e.stdout, ev.Step)
+		}
+	}
+	runs := make([]*station.Run, len(ports))
+	errs := make([]error, len(ports))
+	var wg sync.WaitGroup
+	for i, port := range ports {
+		wg.Go(func() {
+			runs[i], errs[i] = p.Provision(ctx, station.Request{Port: port, Operator: operator})
+		})
+	}
+	wg.Wait()
+	failed := false
+	for i, r := range runs {
+		if r == nil {
+			fmt.Fprintf(e.stderr, "kiln provision: %s: %v\n", ports[i], errs[i])
+			failed = true
+			continue
+		}
+		failed = failed || errs[i] != nil
+		if asJSON {
+			b, err := json.Marshal(runJSON(r))
+			if err != nil {
+				return err
+			}
+			fmt.Fprintf(e.stdout, "%s\n", b)
+		} else {
+			fmt.Fprintf(e.stdout, "%s ", ports[i])
+			printVerdict(e.stdout, r)
+		}
+	}
+	if failed {
+		return errFailed
+	}
+	return nil
 }

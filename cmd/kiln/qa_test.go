@@ -2,8 +2,10 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"encoding/xml"
 	"fmt"
+	"io"
 	"log/slog"
 	"os"
 	"os/signal"
@@ -440,5 +442,70 @@ func TestQAVerifyOff(t *testing.T) {
 		if got, want := strings.Join(names, ","), strings.Join(station.TPMSteps, ","); got != want || r.DPSStatus != "" {
 			t.Errorf("run %d: steps %s (DPS %q), want %s and no DPS", r.ID, got, r.DPSStatus, want)
 		}
+	}
+}
+
+// TestProvisionSlots: kiln provision with three ports provisions the three
+// DUTs (each its own process and TPM) at once, end to end against one
+// DPS, into one store.
+func TestProvisionSlots(t *testing.T) {
+	home := t.TempDir()
+	c, err := loadConfig(&env{getenv: func(k string) string {
+		if k == "KILN_HOME" {
+			return home
+		}
+		return ""
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := newQABench(t.Context(), &env{stdout: io.Discard, stderr: io.Discard, getenv: func(string) string { return "" }}, c, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
+	var ports []string
+	for i := range 3 {
+		d, err := b.startDUT(t.Context(), qa.DUTSpec{Serial: fmt.Sprintf("SLOT-%d", i+1), LineRate: 115200})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		ports = append(ports, d.Port())
+	}
+	roots := filepath.Join(b.simHome, "simulator", "ek-roots")
+	code, stdout, stderr := kiln(t, home, "provision", "--json", "--port", ports[0], "--port", ports[1]+","+ports[2],
+		"--roots", roots, "--ek-cert-policy", "require", "--verify", "embedded")
+	if code != exitPass {
+		t.Fatalf("exit %d\n%s\n%s", code, stdout, stderr)
+	}
+	lines := strings.Split(strings.TrimSpace(stdout), "\n")
+	if len(lines) != 3 {
+		t.Fatalf("%d JSON lines, want 3:\n%s", len(lines), stdout)
+	}
+	var spans [][2]time.Time
+	for i, l := range lines {
+		var rr runRecord
+		if err := json.Unmarshal([]byte(l), &rr); err != nil {
+			t.Fatal(err)
+		}
+		if rr.Port != ports[i] || rr.Serial != fmt.Sprintf("SLOT-%d", i+1) || rr.Result != station.ResultPass || rr.DPSStatus != "assigned" {
+			t.Errorf("line %d: %s on %s: %s %s", i, rr.Serial, rr.Port, rr.Result, rr.Error)
+		}
+		spans = append(spans, [2]time.Time{rr.Started, rr.Finished})
+	}
+	// In parallel: every run started before any finished.
+	for _, a := range spans {
+		for _, b := range spans {
+			if !a[0].Before(b[1]) {
+				t.Errorf("runs did not overlap: %v", spans)
+			}
+		}
+	}
+	if code, _, stderr := kiln(t, home, "provision", "--port", ports[0], "--port", ports[1], "--serial", "X"); code != exitUsage || !strings.Contains(stderr, "--serial names one unit") {
+		t.Errorf("--serial with two ports: exit %d: %s", code, stderr)
+	}
+	if code, _, stderr := kiln(t, home, "provision", "--port", ports[0], "--port", ports[0]); code != exitUsage || !strings.Contains(stderr, "given twice") {
+		t.Errorf("a port twice: exit %d: %s", code, stderr)
 	}
 }
