@@ -53,7 +53,7 @@ func (e *env) logger() *slog.Logger {
 func commands() []command {
 	return []command{
 		{"gui", "[--port PATH] [--simulate] [--operator NAME]", "open the station window (the default; with no port, one simulated DUT)", runGUI},
-		{"provision", "--port PATH [--serial S] [--json]", "provision the DUT on a serial port (TPM method) and record it", runProvision},
+		{"provision", "--port PATH [--port PATH...] [--json]", "provision the DUTs on serial ports (TPM method), one slot each, and record them", runProvision},
 		{"simulate", "[--count N] [--tpm sim|swtpm]", "start simulated DUTs on ptys and print their paths", runSimulate},
 		{"agent", "--port PATH --tpm SPEC", "run the device-side agent on a serial port (what a DUT runs)", runAgent},
 		{"serve", "[--addr A] [--hub-addr A] [--json]", "run the embedded DPS and IoT hub alone: a DPS emulator", runServe},
