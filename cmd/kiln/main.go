@@ -57,7 +57,7 @@ func commands() []command {
 		{"simulate", "[--count N] [--tpm sim|swtpm]", "start simulated DUTs on ptys and print their paths", runSimulate},
 		{"agent", "--port PATH --tpm SPEC", "run the device-side agent on a serial port (what a DUT runs)", runAgent},
 		{"serve", "[--addr A] [--hub-addr A] [--json]", "run the embedded DPS and IoT hub alone: a DPS emulator", runServe},
-		{"qa", "run|check SCENARIO... [--slots N]", "run QA scenarios on simulated or real DUTs; JUnit XML and HTML reports", runQA},
+		{"qa", "run|check [--slots N] SCENARIO...", "run QA scenarios on simulated or real DUTs; JUnit XML and HTML reports", runQA},
 		{"records", "list|show ...", "list and show provisioning records", runRecords},
 		{"tpm", "info --tpm SPEC", "show a TPM's EK, EK certificate and its validation", runTPM},
 		{"demo", "", "provision one simulated unit end to end in the data dir (what make run does)", runDemo},
