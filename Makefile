@@ -24,7 +24,7 @@ APT_TEST  := swtpm swtpm-tools tpm2-tools socat softhsm2 ca-certificates
 # What `make screenshots` needs to run the GUI under Xvfb and drive it.
 APT_SHOTS := xvfb xauth x11-apps imagemagick xdotool
 
-.PHONY: all deps apt apt-shots build agents run demo screenshots apt-install test test-short bench fuzz lint e2e clean
+.PHONY: all deps apt apt-shots build agents run demo screenshots apt-install test test-short bench fuzz lint e2e qa qa-screenshot clean
 
 all: build
 
@@ -98,6 +98,21 @@ e2e: build
 	./scripts/e2e.sh
 	./scripts/e2e-node.sh
 	$(GO) test -tags stepca -count=1 -run RemoteStepCA ./pki/ ./cmd/kiln/
+
+## qa: the built-in QA scenarios of docs/qa on simulated DUTs; reports in bin/qa/.
+qa: build
+	rm -rf $(BIN)/qa
+	$(KILN) qa run --allow-unavailable --out $(BIN)/qa docs/qa
+
+## qa-screenshot: docs/qa/report.png, the HTML report of a few scenarios in
+## headless Chromium (Debian's chromium package).
+QA_SHOT := tpm-golden tpm-repeat-slots tpm-dut-drops-out tpm-throttled-dps tpm-wrong-ek x509-golden
+qa-screenshot: build
+	@$(MAKE) --no-print-directory apt-install PKGS="chromium"
+	rm -rf $(BIN)/qa-shot
+	$(KILN) qa run --allow-unavailable --out $(BIN)/qa-shot $(patsubst %,docs/qa/%.scenario,$(QA_SHOT))
+	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1180,1900 \
+	  --screenshot=$(CURDIR)/docs/qa/report.png file://$(BIN)/qa-shot/report.html
 
 clean:
 	rm -rf $(BIN)

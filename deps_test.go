@@ -31,6 +31,7 @@ var allowed = map[string][]string{
 	"agent":               {"station", "dps", "hsm", "link"},
 	"ui":                  {"station"},
 	"fixtures":            {"*", "-ui", "-cmd/kiln"},
+	"qa":                  {"station", "fixtures"}, // scenarios, runner, reports; cmd/kiln wires the bench
 	"cmd/kiln":            {"*"},
 	"cmd/kiln-agent":      {"agent", "station", "link", "hsm", "dps"},
 }

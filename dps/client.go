@@ -171,6 +171,13 @@ func (c *DeviceClient) RegisterTPM(ctx context.Context, regID string, tpm TPMDev
 	// 1. The challenge.
 	c.progress("register", "sending the TPM's EK and SRK to "+c.Endpoint)
 	res, err := c.do(ctx, op, http.MethodPut, base+"/register", body, "")
+	for throttled := 0; err == nil && (res.status == http.StatusTooManyRequests || res.status == http.StatusServiceUnavailable) && throttled < maxThrottled; throttled++ {
+		c.progress("throttled", fmt.Sprintf("DPS answered %d; trying again", res.status))
+		if err := sleep(ctx, clampRetry(res.retryAfter)); err != nil {
+			return nil, station.E(op, station.KindUnavailable, err)
+		}
+		res, err = c.do(ctx, op, http.MethodPut, base+"/register", body, "")
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -32,6 +32,25 @@ if grep -q '^FAIL' "$raw"; then echo "bench: a benchmark failed" >&2; exit 1; fi
          printf("| %s | %s | %s |\n", name, runs, m)
        }' "$raw"
   echo
+  # Goals the notes name, checked against this run's figures.
+  echo "## Goals"
+  echo
+  echo "| benchmark | metric | goal | measured | met |"
+  echo "|---|---|---|---|---|"
+  awk -v goals="BenchmarkProvisionTPM115200 line-time-ratio <= 1.25;BenchmarkSlots115200 x-1slot >= 6" '
+    BEGIN { n = split(goals, g, ";") }
+    /^Benchmark/ {
+      name = $1; sub(/-[0-9]+$/, "", name)
+      for (k = 1; k <= n; k++) {
+        split(g[k], f, " ")
+        if (f[1] != name) continue
+        for (i = 3; i + 1 <= NF; i += 2) if ($(i+1) == f[2]) {
+          ok = (f[3] == "<=") ? ($i <= f[4]) : ($i >= f[4])
+          printf("| %s | %s | %s %s | %s | %s |\n", name, f[2], f[3], f[4], $i, ok ? "yes" : "**no**")
+        }
+      }
+    }' "$raw"
+  echo
   echo "## Raw output"
   echo
   echo '```'

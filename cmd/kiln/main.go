@@ -54,11 +54,12 @@ func (e *env) logger() *slog.Logger {
 func commands() []command {
 	return []command{
 		{"gui", "[--port PATH] [--simulate] [--operator NAME]", "open the station window (the default; with no port, one simulated DUT)", runGUI},
-		{"provision", "--port PATH [--method tpm|x509|symkey] [--serial S] [--json]", "provision the DUT on a serial port and record it", runProvision},
+		{"provision", "--port PATH [--port PATH...] [--method tpm|x509|symkey] [--serial S] [--json]", "provision the DUTs on serial ports, one slot each, and record them", runProvision},
 		{"simulate", "[--count N] [--tpm sim|swtpm]", "start simulated DUTs on ptys and print their paths", runSimulate},
 		{"agent", "--port PATH --tpm SPEC", "run the device-side agent on a serial port (what a DUT runs)", runAgent},
 		{"serve", "[--addr A] [--hub-addr A] [--json]", "run the embedded DPS and IoT hub alone: a DPS emulator", runServe},
 		{"ca", "init|show|export|import|use-remote ...", "the station's signing CA for the X.509 method", runCA},
+		{"qa", "run|check [--slots N] SCENARIO...", "run QA scenarios on simulated or real DUTs; JUnit XML and HTML reports", runQA},
 		{"records", "list|show ...", "list and show provisioning records", runRecords},
 		{"tpm", "info --tpm SPEC", "show a TPM's EK, EK certificate and its validation", runTPM},
 		{"demo", "", "provision one simulated unit end to end in the data dir (what make run does)", runDemo},

@@ -19,7 +19,8 @@ func runProvision(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	fs := newFlags(e, "provision")
-	port := fs.String("port", "", "serial port of the DUT (e.g. /dev/ttyACM0 or a pty path from kiln simulate)")
+	var ports portList
+	fs.Var(&ports, "port", "serial port of the DUT (e.g. /dev/ttyACM0 or a pty path from kiln simulate); repeat it, or give a comma-separated list, to provision several DUTs at once, one slot each")
 	serial := fs.String("serial", "", "the unit's scanned serial number (default: the one the DUT reports)")
 	operator := fs.String("operator", e.getenv("USER"), "operator name written on the record")
 	asJSON := fs.Bool("json", false, "print the record as JSON instead of text")
@@ -28,9 +29,16 @@ func runProvision(ctx context.Context, e *env, args []string) error {
 	if err := parse(fs, args, false); err != nil {
 		return err
 	}
-	if *port == "" {
+	if len(ports) == 0 {
 		return usagef("--port is required: the serial port the DUT is plugged into")
 	}
+	if len(ports) > 1 {
+		if *serial != "" {
+			return usagef("--serial names one unit: give a single --port with it")
+		}
+		return provisionSlots(ctx, e, c, ports, *operator, *asJSON)
+	}
+	port := &ports[0]
 	p, closeFn, err := newProvisioner(ctx, e, c)
 	if err != nil {
 		return err
