@@ -1,0 +1,97 @@
+package cloudsync
+
+import (
+	"context"
+	"sync"
+	"time"
+
+	"github.com/kilnworks/kiln/station"
+)
+
+// Quota is the service operations quota a push stays under. Every request
+// is one operation, whether it carries one enrollment or a bulk of ten.
+type Quota struct {
+	Operations int           // per Window; 0: station.DefaultOpsPerMinute
+	Window     time.Duration // 0: one minute
+	// Headroom is the share of the quota the pusher uses, for the clocks
+	// of client and service that do not agree; 0: 0.98.
+	Headroom float64
+}
+
+func (q Quota) withDefaults() Quota {
+	if q.Operations <= 0 {
+		q.Operations = station.DefaultOpsPerMinute
+	}
+	if q.Window <= 0 {
+		q.Window = time.Minute
+	}
+	if q.Headroom <= 0 || q.Headroom > 1 {
+		q.Headroom = 0.98
+	}
+	return q
+}
+
+// interval is the time between two requests at the paced rate.
+func (q Quota) interval() time.Duration {
+	q = q.withDefaults()
+	return time.Duration(float64(q.Window) / (float64(q.Operations) * q.Headroom))
+}
+
+// pacer spaces requests evenly at the quota's rate, shared by every worker
+// of a push. It never bursts: after an idle spell the next request goes at
+// once and the following ones an interval apart, so no window of the
+// service's counter sees more than the quota.
+type pacer struct {
+	mu       sync.Mutex
+	interval time.Duration
+	next     time.Time
+	ops      int
+}
+
+func newPacer(q Quota) *pacer { return &pacer{interval: q.interval()} }
+
+// wait blocks until the caller may send one request. Kinds: Unavailable
+// when ctx ends first.
+func (p *pacer) wait(ctx context.Context) error {
+	p.mu.Lock()
+	now := time.Now()
+	t := p.next
+	if t.Before(now) {
+		t = now
+	}
+	p.next = t.Add(p.interval)
+	p.ops++
+	p.mu.Unlock()
+	return sleep(ctx, time.Until(t))
+}
+
+// hold makes every worker wait d before its next request: the service
+// asked for it (retry-after).
+func (p *pacer) hold(d time.Duration) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if t := time.Now().Add(d); t.After(p.next) {
+		p.next = t
+	}
+}
+
+func (p *pacer) count() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.ops
+}
+
+// sleep waits d or until ctx ends. Kinds: Unavailable.
+func sleep(ctx context.Context, d time.Duration) error {
+	if d <= 0 {
+		return station.E("wait", station.KindUnavailable, ctx.Err())
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return station.E("wait", station.KindUnavailable, ctx.Err())
+	}
+}
