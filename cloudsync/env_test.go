@@ -39,6 +39,10 @@ type throttle struct {
 	// fail5xx, when > 0, answers 503 (without retry-after) to every
 	// fail5xx-th request that the quota lets through.
 	fail5xx int
+	// hook, when set, is called around each bulk operation the quota lets
+	// through: with "before" when it reaches the DPS, "after" when the
+	// DPS has applied it and before the answer leaves.
+	hook func(stage string)
 
 	mu        sync.Mutex
 	start     time.Time
@@ -90,8 +94,14 @@ func (t *throttle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	body, _ := io.ReadAll(r.Body)
 	r.Body = io.NopCloser(bytes.NewReader(body))
+	if t.hook != nil {
+		t.hook("before")
+	}
 	rec := httptest.NewRecorder()
 	t.next.ServeHTTP(rec, r)
+	if t.hook != nil {
+		t.hook("after")
+	}
 	var op dps.BulkEnrollmentOperation
 	var res dps.BulkEnrollmentOperationResult
 	if rec.Code == http.StatusOK && json.Unmarshal(body, &op) == nil && json.Unmarshal(rec.Body.Bytes(), &res) == nil && op.Mode != dps.BulkDelete {

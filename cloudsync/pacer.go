@@ -38,17 +38,23 @@ func (q Quota) interval() time.Duration {
 }
 
 // pacer spaces requests evenly at the quota's rate, shared by every worker
-// of a push. It never bursts: after an idle spell the next request goes at
-// once and the following ones an interval apart, so no window of the
-// service's counter sees more than the quota.
+// of a push. A slot no worker was ready for is lost, except for a small
+// catch-up allowance (1 % of the quota, at least one request): with the
+// headroom, no window of the service's counter sees more than the quota.
 type pacer struct {
 	mu       sync.Mutex
 	interval time.Duration
+	slack    time.Duration // how far behind the schedule may be caught up
 	next     time.Time
 	ops      int
 }
 
-func newPacer(q Quota) *pacer { return &pacer{interval: q.interval()} }
+func newPacer(q Quota) *pacer {
+	q = q.withDefaults()
+	p := &pacer{interval: q.interval()}
+	p.slack = time.Duration(max(1, q.Operations/100)) * p.interval
+	return p
+}
 
 // wait blocks until the caller may send one request. Kinds: Unavailable
 // when ctx ends first.
@@ -56,8 +62,11 @@ func (p *pacer) wait(ctx context.Context) error {
 	p.mu.Lock()
 	now := time.Now()
 	t := p.next
-	if t.Before(now) {
-		t = now
+	if t.IsZero() || t.Before(now.Add(-p.slack)) {
+		t = now.Add(-p.slack)
+		if p.next.IsZero() {
+			t = now
+		}
 	}
 	p.next = t.Add(p.interval)
 	p.ops++
@@ -84,7 +93,7 @@ func (p *pacer) count() int {
 // sleep waits d or until ctx ends. Kinds: Unavailable.
 func sleep(ctx context.Context, d time.Duration) error {
 	if d <= 0 {
-		return station.E("wait", station.KindUnavailable, ctx.Err())
+		return station.E("wait", station.KindUnavailable, context.Cause(ctx))
 	}
 	t := time.NewTimer(d)
 	defer t.Stop()

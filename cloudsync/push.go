@@ -46,7 +46,7 @@ type Pusher struct {
 	Service Service
 	Quota   Quota
 	// Workers is how many requests may be in flight at once (the pacer
-	// still spaces them); 0: 4.
+	// still spaces them); 0: 16.
 	Workers int
 	// MaxRetries bounds the retries of one request refused with 429, 5xx
 	// or a network error; 0: 12.
@@ -101,7 +101,7 @@ func (p *Pusher) log() *slog.Logger {
 
 func (p *Pusher) workers() int {
 	if p.Workers <= 0 {
-		return 4
+		return 16
 	}
 	return p.Workers
 }
