@@ -58,6 +58,7 @@ func commands() []command {
 		{"agent", "--port PATH --tpm SPEC", "run the device-side agent on a serial port (what a DUT runs)", runAgent},
 		{"serve", "[--addr A] [--hub-addr A] [--json]", "run the embedded DPS and IoT hub alone: a DPS emulator", runServe},
 		{"records", "list|show ...", "list and show provisioning records", runRecords},
+		{"batch", "list|show|seal|push|enable|export|...", "batches: push to a DPS enrollment list, export for customers", runBatch},
 		{"tpm", "info --tpm SPEC", "show a TPM's EK, EK certificate and its validation", runTPM},
 		{"demo", "", "provision one simulated unit end to end in the data dir (what make run does)", runDemo},
 		{"version", "", "print the version", runVersion},

@@ -1,0 +1,183 @@
+package main
+
+import (
+	"bytes"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/google/go-tpm/tpm2"
+
+	"github.com/kilnworks/kiln/cloudsync"
+	"github.com/kilnworks/kiln/devserver"
+	"github.com/kilnworks/kiln/dps"
+	"github.com/kilnworks/kiln/station"
+)
+
+// batchUnits records n TPM units (EKs with random moduli) in the open
+// batch of the station in home.
+func batchUnits(t *testing.T, home string, n int) {
+	t.Helper()
+	s := openStore(t, home)
+	ctx := t.Context()
+	b := &station.Batch{Name: "line-1"}
+	if err := s.CreateBatch(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	for i := range n {
+		m := make([]byte, 256)
+		rand.Read(m)
+		m[0] |= 0x80
+		tmpl := tpm2.RSAEKTemplate
+		tmpl.Unique = tpm2.NewTPMUPublicID(tpm2.TPMAlgRSA, &tpm2.TPM2BPublicKeyRSA{Buffer: m})
+		ek := tpm2.Marshal(tpm2.New2B(tmpl))
+		u := &station.Unit{Serial: fmt.Sprintf("SN%04d", i), RegistrationID: station.RegistrationIDFromEK(ek), Method: station.MethodTPM,
+			EKHash: station.EKHash(ek), EKPublic: ek, Model: "KX-1", Station: "kiln", Operator: "tester"}
+		if err := s.RecordUnit(ctx, u); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.AddUnit(ctx, b.ID, u.Serial); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestBatchPushEnableExportCLI(t *testing.T) {
+	home := t.TempDir()
+	batchUnits(t, home, 25)
+	emb, err := devserver.StartEmbedded(t.Context(), devserver.EmbeddedConfig{DataDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { emb.Close() })
+	conn := emb.DPS.ServiceConnectionString()
+	dir := t.TempDir()
+	connFile, caFile := filepath.Join(dir, "conn.txt"), filepath.Join(dir, "ca.pem")
+	os.WriteFile(connFile, []byte(conn+"\n"), 0o600)
+	os.WriteFile(caFile, emb.TrustPEM, 0o644)
+
+	must := func(args ...string) string {
+		t.Helper()
+		code, out, errOut := kiln(t, home, args...)
+		if code != 0 {
+			t.Fatalf("kiln %s: exit %d\nstdout: %s\nstderr: %s", strings.Join(args, " "), code, out, errOut)
+		}
+		return out
+	}
+	must("batch", "target", "add", "dev", "--connection-string-file", connFile, "--trust", caFile, "--ops-per-minute", "6000")
+	if out := must("batch", "target", "list"); !strings.Contains(out, "dev") || !strings.Contains(out, "6000") {
+		t.Errorf("target list:\n%s", out)
+	}
+	if out := must("batch", "seal", "--target", "dev", "--disabled", "--allocation", "hashed"); !strings.Contains(out, "batch 1 (line-1) sealed: 25 units, target dev") {
+		t.Errorf("seal printed %q", out)
+	}
+
+	code, out, errOut := kiln(t, home, "batch", "push", "1", "--json", "--verify", "all")
+	var rep cloudsync.Report
+	if err := json.Unmarshal([]byte(out), &rep); err != nil || code != 0 {
+		t.Fatalf("push: exit %d, %v\nstdout: %s\nstderr: %s", code, err, out, errOut)
+	}
+	if rep.Done != 25 || rep.Failed != 0 || rep.Verified != 25 || rep.Requests < 3 {
+		t.Errorf("push report %+v", rep)
+	}
+	if !strings.Contains(errOut, "push batch 1 to dev: verify 25/25 (100%)") {
+		t.Errorf("no progress line on stderr:\n%s", errOut)
+	}
+	svc, err := emb.ServiceClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+	status := func() map[string]int {
+		page, _, err := svc.QueryEnrollments(t.Context(), "*", dps.QueryPage{Size: 100})
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := map[string]int{}
+		for _, e := range page {
+			c[e.ProvisioningStatus]++
+		}
+		return c
+	}
+	if c := status(); c["disabled"] != 25 {
+		t.Errorf("after the push the DPS holds %v; want 25 disabled", c)
+	}
+	if out := must("batch", "enable", "1"); !strings.Contains(out, "enable: 25 of 25 done, 0 failed") {
+		t.Errorf("enable printed:\n%s", out)
+	}
+	if c := status(); c["enabled"] != 25 {
+		t.Errorf("after enable the DPS holds %v; want 25 enabled", c)
+	}
+	if out := must("batch", "show", "1"); !strings.Contains(out, "push       25 done, 0 failed") || !strings.Contains(out, "batch 1  line-1  pushed") {
+		t.Errorf("show printed:\n%s", out)
+	}
+
+	// The connection string's key is sealed: not in the database.
+	key := conn[strings.Index(conn, "SharedAccessKey=")+len("SharedAccessKey="):]
+	for _, f := range []string{"kiln.db", "kiln.db-wal"} {
+		if b, _ := os.ReadFile(filepath.Join(home, f)); bytes.Contains(b, []byte(key)) {
+			t.Errorf("%s holds the service key in the clear", f)
+		}
+	}
+
+	manifest := filepath.Join(dir, "m.json")
+	must("batch", "export", "1", "--format", "manifest", "--out", manifest)
+	if out := must("batch", "verify-manifest", manifest); !strings.Contains(out, "verifies: 25 units of batch 1") {
+		t.Errorf("verify-manifest printed %q", out)
+	}
+	pubFile := filepath.Join(dir, "signer.pem")
+	os.WriteFile(pubFile, []byte(must("batch", "signing-key")), 0o644)
+	must("batch", "verify-manifest", manifest, "--signer", pubFile)
+
+	raw, _ := os.ReadFile(manifest)
+	var m cloudsync.Manifest
+	json.Unmarshal(raw, &m)
+	m.Entries[7] = m.Entries[8]
+	tampered, _ := json.Marshal(m)
+	os.WriteFile(manifest, tampered, 0o644)
+	code, _, errOut = kiln(t, home, "batch", "verify-manifest", manifest)
+	if code != exitFail || !strings.Contains(errOut, "does NOT verify") || !strings.Contains(errOut, "repeats serial") {
+		t.Errorf("tampered manifest: exit %d, stderr %q; want 1 and the reason", code, errOut)
+	}
+
+	csvOut := must("batch", "export", "1", "--format", "csv", "--out", "-")
+	if n := strings.Count(csvOut, "\n"); n != 26 {
+		t.Errorf("CSV has %d lines; want 26", n)
+	}
+	bulk := must("batch", "export", "1", "--format", "bulk", "--out", "-")
+	var bf cloudsync.BulkFile
+	if err := json.Unmarshal([]byte(bulk), &bf); err != nil || len(bf.Enrollments) != 3 {
+		t.Errorf("bulk export: %d operations, %v; want 3", len(bf.Enrollments), err)
+	}
+
+	var list []station.Batch
+	json.Unmarshal([]byte(must("batch", "list", "--json")), &list)
+	if len(list) != 1 || list[0].State != station.BatchPushed || list[0].Units != 25 {
+		t.Errorf("batch list: %+v", list)
+	}
+}
+
+func TestBatchUsage(t *testing.T) {
+	home := t.TempDir()
+	for _, args := range [][]string{
+		{"batch"},
+		{"batch", "frob"},
+		{"batch", "push"},
+		{"batch", "push", "x"},
+		{"batch", "export", "1"},
+		{"batch", "target", "add", "t"},
+		{"batch", "push", "1", "--verify", "maybe"},
+	} {
+		if code, _, _ := kiln(t, home, args...); code != exitUsage {
+			t.Errorf("kiln %s: exit %d; want %d", strings.Join(args, " "), code, exitUsage)
+		}
+	}
+	code, _, errOut := kiln(t, home, "batch", "push", "7")
+	if code != exitFail || !strings.Contains(errOut, "no batch 7") {
+		t.Errorf("push of a missing batch: exit %d, %q", code, errOut)
+	}
+}
+
