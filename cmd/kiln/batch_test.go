@@ -180,4 +180,3 @@ func TestBatchUsage(t *testing.T) {
 		t.Errorf("push of a missing batch: exit %d, %q", code, errOut)
 	}
 }
-
