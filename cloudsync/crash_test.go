@@ -94,12 +94,12 @@ func TestPushCrashResume(t *testing.T) {
 		stage := map[int]string{1: "after", 2: "before"}[run]
 		killed := make(chan struct{})
 		var n atomic.Int32
-		d.th.hook = func(s string) {
+		d.th.setHook(func(s string) {
 			if s == stage && n.Add(1) == 34 {
 				cmd.Process.Kill()
 				close(killed)
 			}
-		}
+		})
 		select {
 		case <-killed:
 		case <-time.After(60 * time.Second):
@@ -115,7 +115,7 @@ func TestPushCrashResume(t *testing.T) {
 			t.Errorf("run %d: no item is left sent; the kill came between two requests", run)
 		}
 	}
-	d.th.hook = nil
+	d.th.setHook(nil)
 	// Restart in this process and finish.
 	p := s.pusher(t, tg, cloudsync.Quota{Operations: ops, Window: time.Second})
 	p.Verify = cloudsync.VerifyAll

@@ -94,13 +94,16 @@ func (t *throttle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	body, _ := io.ReadAll(r.Body)
 	r.Body = io.NopCloser(bytes.NewReader(body))
-	if t.hook != nil {
-		t.hook("before")
+	t.mu.Lock()
+	hook := t.hook
+	t.mu.Unlock()
+	if hook != nil {
+		hook("before")
 	}
 	rec := httptest.NewRecorder()
 	t.next.ServeHTTP(rec, r)
-	if t.hook != nil {
-		t.hook("after")
+	if hook != nil {
+		hook("after")
 	}
 	var op dps.BulkEnrollmentOperation
 	var res dps.BulkEnrollmentOperationResult
@@ -122,6 +125,19 @@ func (t *throttle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 	w.WriteHeader(rec.Code)
 	w.Write(rec.Body.Bytes())
+}
+
+// stats returns the answers 429 and 503 so far.
+func (t *throttle) stats() (throttled, failed int) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.throttled, t.failed
+}
+
+func (t *throttle) setHook(h func(stage string)) {
+	t.mu.Lock()
+	t.hook = h
+	t.mu.Unlock()
 }
 
 // duplicated returns how many registration IDs the DPS accepted more than

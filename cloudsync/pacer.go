@@ -39,8 +39,9 @@ func (q Quota) interval() time.Duration {
 
 // pacer spaces requests evenly at the quota's rate, shared by every worker
 // of a push. A slot no worker was ready for is lost, except for a small
-// catch-up allowance (1 % of the quota, at least one request): with the
-// headroom, no window of the service's counter sees more than the quota.
+// catch-up allowance (half the headroom: 10 requests of a 1,000 quota,
+// none of a small one): no window of the service's counter sees more than
+// the quota.
 type pacer struct {
 	mu       sync.Mutex
 	interval time.Duration
@@ -52,7 +53,7 @@ type pacer struct {
 func newPacer(q Quota) *pacer {
 	q = q.withDefaults()
 	p := &pacer{interval: q.interval()}
-	p.slack = time.Duration(max(1, q.Operations/100)) * p.interval
+	p.slack = time.Duration(float64(q.Operations)*(1-q.Headroom)/2) * p.interval
 	return p
 }
 

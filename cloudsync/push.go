@@ -436,18 +436,27 @@ func (p *Pusher) readBack(ctx context.Context, items []station.PushItem, enrollm
 // the pusher's workers. It stops at the first error that concerns the
 // whole target (credentials, unreachable).
 func (p *Pusher) send(ctx context.Context, pending []station.PushItem, enrollments map[string]*dps.IndividualEnrollment, group *dps.EnrollmentGroup) error {
-	var creates, updates []station.PushItem
+	var creates, updates, stale []station.PushItem
 	for _, it := range pending {
 		switch {
 		case group != nil && it.Key == groupKey(group.EnrollmentGroupID):
 			if err := p.pushGroup(ctx, it, group); err != nil {
 				return err
 			}
+		case enrollments[it.Key] == nil:
+			// Left by an earlier push of another plan (another group,
+			// or units enrolled on their own then): not this push's.
+			it.State, it.Mode, it.ErrorCode = station.PushFailed, "", dps.CodeBadRequest
+			it.Error = "not part of this push (an earlier push planned it): push again with the same group options, or ignore it"
+			stale = append(stale, it)
 		case it.Mode == station.PushModeUpdate:
 			updates = append(updates, it)
 		default:
 			creates = append(creates, it)
 		}
+	}
+	if err := p.Store.UpdatePushItems(ctx, stale); err != nil {
+		return err
 	}
 	chunks := make(chan []station.PushItem)
 	ctx, cancel := context.WithCancelCause(ctx)
