@@ -46,6 +46,7 @@ type throttle struct {
 
 	mu        sync.Mutex
 	start     time.Time
+	first     time.Time
 	count     int
 	seen      int
 	throttled int
@@ -58,7 +59,7 @@ func (t *throttle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	t.mu.Lock()
 	now := time.Now()
 	if t.start.IsZero() {
-		t.start = now
+		t.start, t.first = now, now
 	}
 	if el := now.Sub(t.start); el >= t.window {
 		t.start = t.start.Add(el - el%t.window)

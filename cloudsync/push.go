@@ -46,7 +46,7 @@ type Pusher struct {
 	Service Service
 	Quota   Quota
 	// Workers is how many requests may be in flight at once (the pacer
-	// still spaces them); 0: 16.
+	// still spaces them); 0: 32.
 	Workers int
 	// MaxRetries bounds the retries of one request refused with 429, 5xx
 	// or a network error; 0: 12.
@@ -77,19 +77,22 @@ type Pusher struct {
 
 // Report is what a push or an enable did.
 type Report struct {
-	BatchID   int64              `json:"batch_id"`
-	Total     int                `json:"total"`      // items of the operation
-	Done      int                `json:"done"`       // the target holds them as wanted
-	Failed    int                `json:"failed"`     // refused: see Failures
-	Sent      int                `json:"sent"`       // items carried by requests in this run
-	ReadBack  int                `json:"read_back"`  // enrollments read back to decide create or update
-	Updated   int                `json:"updated"`    // enrollments brought up to date instead of created
-	Requests  int                `json:"requests"`   // requests sent (operations against the quota)
-	Throttled int                `json:"throttled"`  // answers 429
-	Retries   int                `json:"retries"`    // requests sent again after 429, 5xx or network errors
-	Verified  int                `json:"verified"`   // enrollments read back at the end
-	Elapsed   time.Duration      `json:"elapsed_ns"` // the whole run
-	Failures  []station.PushItem `json:"failures,omitempty"`
+	BatchID   int64 `json:"batch_id"`
+	Total     int   `json:"total"`     // items of the operation
+	Done      int   `json:"done"`      // the target holds them as wanted
+	Failed    int   `json:"failed"`    // refused: see Failures
+	Sent      int   `json:"sent"`      // items carried by requests in this run
+	ReadBack  int   `json:"read_back"` // enrollments read back to decide create or update
+	Updated   int   `json:"updated"`   // enrollments brought up to date instead of created
+	Requests  int   `json:"requests"`  // requests sent (operations against the quota)
+	Throttled int   `json:"throttled"` // answers 429
+	Retries   int   `json:"retries"`   // requests sent again after 429, 5xx or network errors
+	Verified  int   `json:"verified"`  // enrollments read back at the end
+	// Idle is the quota time lost because no request was ready when the
+	// pacer allowed one (the target or the station was the bottleneck).
+	Idle     time.Duration      `json:"idle_ns"`
+	Elapsed  time.Duration      `json:"elapsed_ns"` // the whole run
+	Failures []station.PushItem `json:"failures,omitempty"`
 }
 
 func (p *Pusher) log() *slog.Logger {
@@ -101,7 +104,7 @@ func (p *Pusher) log() *slog.Logger {
 
 func (p *Pusher) workers() int {
 	if p.Workers <= 0 {
-		return 16
+		return 32
 	}
 	return p.Workers
 }
@@ -290,23 +293,20 @@ func (p *Pusher) Push(ctx context.Context, id int64) (*Report, error) {
 	if err := p.Store.AddPushItems(ctx, items); err != nil {
 		return nil, err
 	}
-	all, err := p.Store.PushItems(ctx, b.ID, station.PushEnroll, "")
+	// Failed items are tried again; sent ones are read back first.
+	failedItems, err := p.Store.PushItems(ctx, b.ID, station.PushEnroll, station.PushFailed)
 	if err != nil {
 		return nil, err
 	}
-	p.rep.Total = len(all)
-
-	// Failed items are tried again; sent ones are read back first.
-	var retry, unknown []station.PushItem
-	for _, it := range all {
-		switch it.State {
-		case station.PushFailed:
-			if _, ok := enrollments[it.Key]; ok || (group != nil && it.Key == groupKey(group.EnrollmentGroupID)) {
-				it.State, it.Mode, it.ErrorCode, it.Error = station.PushPending, station.PushModeCreate, 0, ""
-				retry = append(retry, it)
-			}
-		case station.PushSent:
-			unknown = append(unknown, it)
+	unknown, err := p.Store.PushItems(ctx, b.ID, station.PushEnroll, station.PushSent)
+	if err != nil {
+		return nil, err
+	}
+	var retry []station.PushItem
+	for _, it := range failedItems {
+		if _, ok := enrollments[it.Key]; ok || (group != nil && it.Key == groupKey(group.EnrollmentGroupID)) {
+			it.State, it.Mode, it.ErrorCode, it.Error = station.PushPending, station.PushModeCreate, 0, ""
+			retry = append(retry, it)
 		}
 	}
 	if err := p.Store.UpdatePushItems(ctx, retry); err != nil {
@@ -316,7 +316,12 @@ func (p *Pusher) Push(ctx context.Context, id int64) (*Report, error) {
 	if err != nil {
 		return nil, err
 	}
-	p.setPhase("push", len(all), counts[station.PushDone], counts[station.PushFailed])
+	total := 0
+	for _, n := range counts {
+		total += n
+	}
+	p.rep.Total = total
+	p.setPhase("push", total, counts[station.PushDone], counts[station.PushFailed])
 	if len(unknown) > 0 {
 		p.log().Info("resuming a push: reading back the items whose answer was not recorded", "batch", b.ID, "items", len(unknown))
 		if err := p.readBack(ctx, unknown, enrollments, group); err != nil {
@@ -360,7 +365,7 @@ func (p *Pusher) finish(ctx context.Context, b *station.Batch, cause error) (*Re
 			p.rep.Failures = append(p.rep.Failures, it)
 		}
 	}
-	p.rep.Elapsed = time.Since(p.start)
+	p.rep.Elapsed, p.rep.Idle = time.Since(p.start), p.pacer.lost()
 	if cause != nil {
 		return p.rep, station.Errorf(op, station.KindOf(cause), "%w: %d of %d items are done; run the push again to resume", cause, p.rep.Done, p.rep.Total)
 	}

@@ -427,7 +427,7 @@ func batchPush(ctx context.Context, e *env, args []string) error {
 	target := fs.String("target", "", "push to this target (and bind the batch to it)")
 	verify := fs.String("verify", "sample", "read back after the push: sample, all or none")
 	sample := fs.Int("sample", 20, "how many enrollments --verify sample reads back")
-	workers := fs.Int("workers", 0, "requests in flight at once (default 16; the quota paces them either way)")
+	workers := fs.Int("workers", 0, "requests in flight at once (default 32; the quota paces them either way)")
 	var gf groupFlags
 	gf.register(fs)
 	asJSON := fs.Bool("json", false, "print the report as JSON")
