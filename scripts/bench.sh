@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 benchtime=${1:-5x}
 mkdir -p .bench docs
 raw=.bench/bench.txt
-go test -run='^$' -bench=. -benchtime="$benchtime" -count=1 -timeout 30m ./... | tee "$raw"
+# cloudsync's push benchmark runs once (-benchtime=1x): one op is a push of
+# 10,000 enrollments at DPS's quota, about a minute.
+pkgs=$(go list ./... | grep -v '/cloudsync$')
+go test -run='^$' -bench=. -benchtime="$benchtime" -count=1 -timeout 30m $pkgs | tee "$raw"
+go test -run='^$' -bench=. -benchtime=1x -count=1 -timeout 30m ./cloudsync/ | tee -a "$raw"
 grep -q '^ok' "$raw" || { echo "bench: no package passed" >&2; exit 1; }
 if grep -q '^FAIL' "$raw"; then echo "bench: a benchmark failed" >&2; exit 1; fi
 
