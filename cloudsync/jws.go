@@ -103,9 +103,11 @@ func verifyES256(alg, input string, sig []byte, pub *ecdsa.PublicKey) error {
 // KeyID returns the RFC 7638 JWK thumbprint (SHA-256, base64url) of a
 // P-256 public key: how manifests name their signer.
 func KeyID(pub *ecdsa.PublicKey) string {
-	x, y := make([]byte, 32), make([]byte, 32)
-	pub.X.FillBytes(x)
-	pub.Y.FillBytes(y)
+	raw, err := pub.Bytes() // 0x04 || X || Y
+	if err != nil || len(raw) != 65 {
+		return ""
+	}
+	x, y := raw[1:33], raw[33:]
 	j := `{"crv":"P-256","kty":"EC","x":"` + b64.EncodeToString(x) + `","y":"` + b64.EncodeToString(y) + `"}`
 	sum := sha256.Sum256([]byte(j))
 	return b64.EncodeToString(sum[:])

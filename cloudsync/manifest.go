@@ -146,6 +146,9 @@ func DecodeManifest(b []byte) (*Manifest, error) {
 // reordered, an entry belongs to another batch), Invalid (malformed).
 func VerifyManifest(m *Manifest, pub *ecdsa.PublicKey) ([]Claims, error) {
 	const op = "verify manifest"
+	if pub == nil {
+		return nil, station.Errorf(op, station.KindInvalid, "no signer key: give the public key of the station that signed the manifest")
+	}
 	kid := KeyID(pub)
 	if m.KeyID != kid {
 		return nil, station.Errorf(op, station.KindUnauthorized,

@@ -200,12 +200,6 @@ func refusal(err error) (int, string) {
 	return code, err.Error()
 }
 
-// want is an item to push with the enrollment it stands for.
-type want struct {
-	item station.PushItem
-	e    *dps.IndividualEnrollment
-}
-
 // plan builds the outbox items of batch b's push and the enrollments they
 // stand for, keyed by the lower-case registration ID (or group key).
 func (p *Pusher) plan(ctx context.Context, b *station.Batch) ([]station.PushItem, map[string]*dps.IndividualEnrollment, *dps.EnrollmentGroup, error) {

@@ -8,7 +8,6 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
-	"math/big"
 	"strings"
 	"time"
 
@@ -172,8 +171,7 @@ func VerifyVendorEntry(e *VendorEntry, signer *x509.Certificate, now time.Time) 
 			x, ex := b64.DecodeString(k.X)
 			y, ey := b64.DecodeString(k.Y)
 			if ex == nil && ey == nil && len(x) == 32 && len(y) == 32 {
-				pk := &ecdsa.PublicKey{Curve: elliptic.P256(), X: new(big.Int).SetBytes(x), Y: new(big.Int).SetBytes(y)}
-				if _, err := pk.ECDH(); err == nil {
+				if pk, err := ecdsa.ParseUncompressedPublicKey(elliptic.P256(), append(append([]byte{4}, x...), y...)); err == nil {
 					part.PublicKey = pk
 				}
 			}

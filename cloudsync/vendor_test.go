@@ -53,10 +53,11 @@ func newCert(t testing.TB, cn string, parent *testCert, ca bool) *testCert {
 // signer with x5c chain.
 func vendorEntry(t testing.TB, uid string, device *testCert, signer *testCert, chain ...*x509.Certificate) cloudsync.VendorEntry {
 	t.Helper()
-	pub := device.key.PublicKey
-	x, y := make([]byte, 32), make([]byte, 32)
-	pub.X.FillBytes(x)
-	pub.Y.FillBytes(y)
+	raw, err := device.key.PublicKey.Bytes()
+	if err != nil {
+		t.Fatal(err)
+	}
+	x, y := raw[1:33], raw[33:]
 	payload := map[string]any{"version": 1, "model": "ATECC608B", "partNumber": "ATECC608B-TFLXTLS", "uniqueId": uid,
 		"provisioningTimestamp": "2026-11-01T10:00:00.000Z",
 		"publicKeySet": map[string]any{"keys": []map[string]any{{"kid": "0", "kty": "EC", "crv": "P-256",
