@@ -10,7 +10,7 @@ import (
 
 func TestPacerSpacesAndHolds(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
-		// 490 operations a minute at 98 %: one every 125 ms.
+		// 490 operations a minute (98 % of 500): one every 122.4 ms.
 		p := newPacer(Quota{Operations: 500, Window: time.Minute})
 		if p.interval != 122448979*time.Nanosecond {
 			t.Fatalf("interval %v", p.interval)
