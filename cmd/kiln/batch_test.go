@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/google/go-tpm/tpm2"
 
@@ -178,5 +179,32 @@ func TestBatchUsage(t *testing.T) {
 	code, _, errOut := kiln(t, home, "batch", "push", "7")
 	if code != exitFail || !strings.Contains(errOut, "no batch 7") {
 		t.Errorf("push of a missing batch: exit %d, %q", code, errOut)
+	}
+}
+
+func TestFormatProgress(t *testing.T) {
+	for _, tt := range []struct {
+		pr   cloudsync.Progress
+		el   time.Duration
+		want string
+	}{
+		{cloudsync.Progress{Phase: "push", Done: 0, Total: 100}, 0, "push batch 1: push 0/100 (0%)"},
+		{cloudsync.Progress{Phase: "push", Done: 40, Total: 100, Failed: 2}, 4 * time.Second, "push batch 1: push 40/100 (40%), 10.0/s, ETA 6s, 2 failed"},
+		{cloudsync.Progress{Phase: "verify", Done: 100, Total: 100}, 10 * time.Second, "push batch 1: verify 100/100 (100%), 10.0/s"},
+	} {
+		if got := formatProgress("push batch 1", tt.pr, tt.el); got != tt.want {
+			t.Errorf("formatProgress(%+v, %v) = %q; want %q", tt.pr, tt.el, got, tt.want)
+		}
+	}
+	// Not a terminal: plain lines, the last one always.
+	var buf bytes.Buffer
+	p := &progressLine{w: &buf, label: "export", start: time.Now()}
+	for i := 1; i <= 1000; i++ {
+		p.update(cloudsync.Progress{Phase: "export", Done: i, Total: 1000})
+	}
+	p.end()
+	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+	if len(lines) > 3 || !strings.HasPrefix(lines[len(lines)-1], "export: export 1000/1000 (100%)") || strings.Contains(buf.String(), "\r") {
+		t.Errorf("non-terminal progress:\n%q", buf.String())
 	}
 }
