@@ -1,7 +1,10 @@
 package cloudsync_test
 
 import (
+	"context"
+	"net/http/httptest"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -197,5 +200,48 @@ func TestPushTwoPhaseEnable(t *testing.T) {
 	rep, err = p.Enable(t.Context(), b.ID)
 	if err != nil || rep.Sent != 0 || rep.Done != 23 {
 		t.Errorf("second enable: %+v, %v; want 23 done, 0 sent", rep, err)
+	}
+}
+
+func TestPushVerifyCatchesLoss(t *testing.T) {
+	d := startTarget(t, 100, time.Second)
+	s := openStation(t, t.TempDir())
+	tg := s.addTarget(t, d, d.conn)
+	b := s.sealedBatch(t, "lossy", 50, tg.Name, station.EnrollmentTemplate{})
+	units, err := s.store.BatchUnits(t.Context(), b.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Someone deletes a pushed enrollment on the target while the push
+	// is still sending its last bulk operation.
+	direct := httptest.NewUnstartedServer(d.srv.Handler())
+	direct.StartTLS()
+	defer direct.Close()
+	admin, err := dps.NewServiceClient(d.conn, dps.ServiceOptions{HTTP: direct.Client(), BaseURL: direct.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n atomic.Int32
+	d.th.setHook(func(stage string) {
+		if stage == "after" && n.Add(1) == 5 {
+			if err := admin.DeleteEnrollment(context.Background(), units[0].RegistrationID, ""); err != nil {
+				t.Error(err)
+			}
+		}
+	})
+	p := s.pusher(t, tg, cloudsync.Quota{Operations: 100, Window: time.Second})
+	p.Verify = cloudsync.VerifyAll
+	rep, err := p.Push(t.Context(), b.ID)
+	if err == nil || rep.Failed != 1 || rep.Failures[0].Serial != units[0].Serial || !strings.Contains(rep.Failures[0].Error, "does not hold") {
+		t.Fatalf("push = %v, report %+v; want the lost enrollment caught by the read-back", err, rep)
+	}
+	d.th.setHook(nil)
+	rep, err = p.Push(t.Context(), b.ID)
+	if err != nil || rep.Done != 50 || rep.Sent != 1 {
+		t.Fatalf("push again = %v, %+v; want the lost one sent again and all 50 done", err, rep)
+	}
+	held := d.enrollments(t)
+	if len(held) != 50 {
+		t.Errorf("the DPS holds %d; want 50", len(held))
 	}
 }
