@@ -363,7 +363,11 @@ func (p *Pusher) finish(ctx context.Context, b *station.Batch, cause error) (*Re
 	if cause != nil {
 		return p.rep, station.Errorf(op, station.KindOf(cause), "%w: %d of %d items are done; run the push again to resume", cause, p.rep.Done, p.rep.Total)
 	}
-	if p.rep.Failed > 0 || p.rep.Done < p.rep.Total {
+	if p.rep.Failed == 0 && p.rep.Done < p.rep.Total {
+		return p.rep, station.Errorf(op, station.KindUnavailable,
+			"%d of %d items are not done yet (the target kept answering them with changes): run the push again", p.rep.Total-p.rep.Done, p.rep.Total)
+	}
+	if p.rep.Failed > 0 {
 		return p.rep, station.Errorf(op, station.KindInvalid,
 			"%d of %d items were refused by the target (first: %s: %s): fix them or the target, then run the push again to retry them",
 			p.rep.Failed, p.rep.Total, p.rep.Failures[0].Key, p.rep.Failures[0].Error)
