@@ -11,7 +11,8 @@ import (
 )
 
 // Enable is the second phase of a two-phase enrollment: it sets the
-// provisioningStatus of every enrollment of pushed batch id to enabled, so
+// provisioningStatus of every enrollment (and the enrollment group) of
+// pushed batch id to enabled, so
 // that its devices may register (after QA passed). Each enrollment is read
 // for its ETag and written back in bulk operations of mode
 // updateIfMatchETag, so a change made meanwhile on the target is not
@@ -36,10 +37,8 @@ func (p *Pusher) Enable(ctx context.Context, id int64) (*Report, error) {
 	}
 	var items []station.PushItem
 	for _, it := range pushed {
-		if !strings.HasPrefix(it.Key, "group:") {
-			items = append(items, station.PushItem{BatchID: b.ID, Op: station.PushEnable, Key: it.Key, Serial: it.Serial,
-				State: station.PushPending, Mode: station.PushModeUpdate})
-		}
+		items = append(items, station.PushItem{BatchID: b.ID, Op: station.PushEnable, Key: it.Key, Serial: it.Serial,
+			State: station.PushPending, Mode: station.PushModeUpdate})
 	}
 	if err := p.Store.AddPushItems(ctx, items); err != nil {
 		return nil, err
@@ -73,8 +72,18 @@ func (p *Pusher) Enable(ctx context.Context, id int64) (*Report, error) {
 		if len(pending) == 0 {
 			break
 		}
-		for i := 0; i < len(pending); i += dps.MaxBulkItems {
-			if err := p.enableChunk(ctx, pending[i:min(i+dps.MaxBulkItems, len(pending))]); err != nil {
+		var single []station.PushItem
+		for _, it := range pending {
+			if id, ok := strings.CutPrefix(it.Key, "group:"); ok {
+				if err := p.enableGroup(ctx, it, id); err != nil {
+					return p.enableReport(ctx, b, op, err)
+				}
+				continue
+			}
+			single = append(single, it)
+		}
+		for i := 0; i < len(single); i += dps.MaxBulkItems {
+			if err := p.enableChunk(ctx, single[i:min(i+dps.MaxBulkItems, len(single))]); err != nil {
 				return p.enableReport(ctx, b, op, err)
 			}
 		}
@@ -180,4 +189,36 @@ func (p *Pusher) enableChunk(ctx context.Context, chunk []station.PushItem) erro
 	}
 	p.progress(done, failed)
 	return nil
+}
+
+// enableGroup enables the batch's enrollment group, under its ETag.
+func (p *Pusher) enableGroup(ctx context.Context, it station.PushItem, id string) error {
+	var g *dps.EnrollmentGroup
+	err := p.call(ctx, "read group "+id, func(ctx context.Context) (err error) {
+		g, err = p.Service.GetEnrollmentGroup(ctx, id)
+		return err
+	})
+	if err == nil && !strings.EqualFold(g.ProvisioningStatus, dps.ProvisioningEnabled) {
+		g.ProvisioningStatus = dps.ProvisioningEnabled
+		it.Attempts++
+		err = p.call(ctx, "enable group "+id, func(ctx context.Context) (err error) {
+			g, err = p.Service.PutEnrollmentGroup(ctx, g, g.ETag)
+			return err
+		})
+		p.count(func(r *Report) { r.Sent++ })
+	}
+	switch k := station.KindOf(err); {
+	case err == nil:
+		it.State, it.ETag, it.ErrorCode, it.Error = station.PushDone, g.ETag, 0, ""
+		p.progress(1, 0)
+	case k == station.KindConflict:
+		it.State = station.PushPending // changed meanwhile: the next round reads it again
+	case k == station.KindUnavailable || k == station.KindUnauthorized:
+		return err
+	default:
+		it.State = station.PushFailed
+		it.ErrorCode, it.Error = refusal(err)
+		p.progress(0, 1)
+	}
+	return p.Store.UpdatePushItems(ctx, []station.PushItem{it})
 }

@@ -141,7 +141,7 @@ func TestImportVendorManifest(t *testing.T) {
 	d := startTarget(t, 100, time.Second)
 	tg := s.addTarget(t, d, d.conn)
 	ctx := t.Context()
-	if err := s.store.SetBatchTarget(ctx, b.ID, tg.Name, station.EnrollmentTemplate{}); err != nil {
+	if err := s.store.SetBatchTarget(ctx, b.ID, tg.Name, station.EnrollmentTemplate{ProvisioningStatus: station.ProvisioningDisabled}); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.store.Transition(ctx, b.ID, station.BatchOpen, station.BatchSealed); err != nil {
@@ -163,7 +163,14 @@ func TestImportVendorManifest(t *testing.T) {
 	}
 	svc, _ := cloudsync.NewServiceClient(tg, s.sealer)
 	g, err := svc.GetEnrollmentGroup(ctx, "vendor-parts")
-	if err != nil || g.Attestation.X509 == nil {
-		t.Fatalf("the DPS's group: %+v, %v", g, err)
+	if err != nil || g.Attestation.X509 == nil || g.ProvisioningStatus != dps.ProvisioningDisabled {
+		t.Fatalf("the DPS's group: %+v, %v; want an X.509 group, disabled", g, err)
+	}
+	// Second phase: the group is enabled.
+	if rep, err := p.Enable(ctx, b.ID); err != nil || rep.Done != 1 {
+		t.Fatalf("enable: %+v, %v", rep, err)
+	}
+	if g, err := svc.GetEnrollmentGroup(ctx, "vendor-parts"); err != nil || g.ProvisioningStatus != dps.ProvisioningEnabled {
+		t.Errorf("after enable the group is %q (%v); want enabled", g.ProvisioningStatus, err)
 	}
 }
