@@ -12,9 +12,9 @@ import (
 
 // Enable is the second phase of a two-phase enrollment: it sets the
 // provisioningStatus of every enrollment (and the enrollment group) of
-// pushed batch id to enabled, so
-// that its devices may register (after QA passed). Each enrollment is read
-// for its ETag and written back in bulk operations of mode
+// pushed batch id to enabled, so that its devices may register (after QA
+// passed). Each enrollment is read for its ETag and written back in bulk
+// operations of mode
 // updateIfMatchETag, so a change made meanwhile on the target is not
 // overwritten: such an item is read again and retried. It is resumable:
 // items are kept in the outbox, and one found enabled already is done.
