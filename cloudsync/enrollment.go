@@ -47,12 +47,31 @@ func Enrollment(u *station.Unit, t station.EnrollmentTemplate) (*dps.IndividualE
 		}
 		e = dps.NewTPMEnrollment(u.RegistrationID, u.EKPublic)
 	default:
-		// X.509 and symmetric-key units enroll through their batch's
-		// group; an individual entry needs the unit's own certificate,
-		// which its record does not carry.
+		// X.509 units enroll through their batch's group: an individual
+		// entry needs the unit's own certificate, which its record does
+		// not carry. Symmetric-key units get theirs from SymKeyEnrollment.
 		return nil, station.Errorf(op, station.KindInvalid,
-			"unit %s uses the %s method: it enrolls through the batch's enrollment group, not on its own", u.Serial, u.Method)
+			"unit %s (%s method) has no certificate of its own in its record: enroll it through the batch's enrollment group", u.Serial, u.Method)
 	}
+	if err := applyTemplate(t, &e.AllocationPolicy, &e.IoTHubs, &e.InitialTwin, &e.Capabilities, &e.ReprovisionPolicy, &e.ProvisioningStatus); err != nil {
+		return nil, station.E(op, station.KindInvalid, err)
+	}
+	return e, nil
+}
+
+// SymKeyEnrollment returns the individual enrollment of symmetric-key unit
+// u under template t, with the device key derived from the group's primary
+// key (base64) as the device derives it: HMAC-SHA256(group key,
+// registration ID). The enrollment holds a secret: send it, never store or
+// log it. Kinds: Invalid.
+func SymKeyEnrollment(u *station.Unit, t station.EnrollmentTemplate, groupKey string) (*dps.IndividualEnrollment, error) {
+	op := "build the enrollment of unit " + u.Serial
+	key, err := dps.DecodeKey(groupKey)
+	if err != nil || u.RegistrationID == "" {
+		return nil, station.Errorf(op, station.KindInvalid, "unit %s: a symmetric-key enrollment needs the group's key and the unit's registration ID", u.Serial)
+	}
+	e := &dps.IndividualEnrollment{RegistrationID: u.RegistrationID, Attestation: dps.AttestationMechanism{
+		Type: dps.AttestationSymmetricKey, SymmetricKey: &dps.SymmetricKeyAttestation{PrimaryKey: dps.EncodeKey(dps.DeriveDeviceKey(key, u.RegistrationID))}}}
 	if err := applyTemplate(t, &e.AllocationPolicy, &e.IoTHubs, &e.InitialTwin, &e.Capabilities, &e.ReprovisionPolicy, &e.ProvisioningStatus); err != nil {
 		return nil, station.E(op, station.KindInvalid, err)
 	}
@@ -159,6 +178,8 @@ func sameAttestation(a, b dps.AttestationMechanism) bool {
 	case a.X509 != nil && b.X509 != nil:
 		ca, cb := primaryCert(a.X509), primaryCert(b.X509)
 		return ca != "" && ca == cb
+	case a.SymmetricKey != nil && b.SymmetricKey != nil:
+		return sameBase64(a.SymmetricKey.PrimaryKey, b.SymmetricKey.PrimaryKey)
 	}
 	return false
 }

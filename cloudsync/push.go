@@ -220,7 +220,13 @@ func (p *Pusher) plan(ctx context.Context, b *station.Batch) ([]station.PushItem
 		}
 		it := station.PushItem{BatchID: b.ID, Op: station.PushEnroll, Key: strings.ToLower(u.RegistrationID), Serial: u.Serial,
 			State: station.PushPending, Mode: station.PushModeCreate}
-		e, err := Enrollment(u, b.Template)
+		var e *dps.IndividualEnrollment
+		var err error
+		if u.Method == station.MethodSymKey && p.Group != nil && p.Group.Attestation.SymmetricKey != nil {
+			e, err = SymKeyEnrollment(u, b.Template, p.Group.Attestation.SymmetricKey.PrimaryKey)
+		} else {
+			e, err = Enrollment(u, b.Template)
+		}
 		if err != nil {
 			// The unit cannot be enrolled as it is: it fails on its own.
 			it.State, it.Mode = station.PushFailed, ""
@@ -267,23 +273,20 @@ func (p *Pusher) Push(ctx context.Context, id int64) (*Report, error) {
 		return nil, err
 	}
 	op := fmt.Sprintf("push batch %d (%s)", b.ID, b.Name)
-	switch b.State {
-	case station.BatchSealed:
-		if err := p.Store.Transition(ctx, b.ID, station.BatchSealed, station.BatchPushing); err != nil {
-			return nil, err
-		}
-	case station.BatchPushing:
-		// a push stopped before: resume it
-	default:
+	if b.State != station.BatchSealed && b.State != station.BatchPushing {
 		return nil, station.Errorf(op, station.KindConflict, "batch %d is %s: seal it first (kiln batch seal %d)", b.ID, b.State, b.ID)
 	}
 	p.begin(b.ID)
 	defer func() { p.rep.Elapsed = time.Since(p.start) }()
-
 	items, enrollments, group, err := p.plan(ctx, b)
 	if err != nil {
 		return nil, err
 	}
+	if b.State == station.BatchSealed {
+		if err := p.Store.Transition(ctx, b.ID, station.BatchSealed, station.BatchPushing); err != nil {
+			return nil, err
+		}
+	} // else a push stopped before: resume it
 	if err := p.Store.AddPushItems(ctx, items); err != nil {
 		return nil, err
 	}

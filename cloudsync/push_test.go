@@ -2,6 +2,8 @@ package cloudsync_test
 
 import (
 	"context"
+	"crypto/rand"
+	"fmt"
 	"net/http/httptest"
 	"strings"
 	"sync/atomic"
@@ -243,5 +245,67 @@ func TestPushVerifyCatchesLoss(t *testing.T) {
 	held := d.enrollments(t)
 	if len(held) != 50 {
 		t.Errorf("the DPS holds %d; want 50", len(held))
+	}
+}
+
+func TestPushSymmetricKeyGroup(t *testing.T) {
+	d := startTarget(t, 100, time.Second)
+	s := openStation(t, t.TempDir())
+	tg := s.addTarget(t, d, d.conn)
+	ctx := t.Context()
+	b := &station.Batch{Name: "symkey"}
+	if err := s.store.CreateBatch(ctx, b); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 5 {
+		u := &station.Unit{Serial: fmt.Sprintf("SK-%d", i), RegistrationID: fmt.Sprintf("sk-device-%d", i), Method: station.MethodSymKey}
+		if err := s.store.RecordUnit(ctx, u); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.store.AddUnit(ctx, b.ID, u.Serial); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.store.SetBatchTarget(ctx, b.ID, tg.Name, station.EnrollmentTemplate{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.store.Transition(ctx, b.ID, station.BatchOpen, station.BatchSealed); err != nil {
+		t.Fatal(err)
+	}
+	groupKey := make([]byte, 32)
+	rand.Read(groupKey)
+	p := s.pusher(t, tg, cloudsync.Quota{Operations: 100, Window: time.Second})
+	// Without the group, the push cannot be planned.
+	if _, err := p.Push(ctx, b.ID); station.KindOf(err) != station.KindInvalid || !strings.Contains(err.Error(), "enrollment group") {
+		t.Fatalf("push without a group = %v; want Invalid asking for the group", err)
+	}
+	if got, _ := s.store.Batch(ctx, b.ID); got.State != station.BatchSealed {
+		t.Errorf("a push that could not be planned left the batch %s; want sealed", got.State)
+	}
+	p.Group = &cloudsync.Group{ID: "line-sk", Attestation: dps.AttestationMechanism{Type: dps.AttestationSymmetricKey,
+		SymmetricKey: &dps.SymmetricKeyAttestation{PrimaryKey: dps.EncodeKey(groupKey)}}}
+	p.PerUnit = true
+	rep, err := p.Push(ctx, b.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Total != 6 || rep.Done != 6 {
+		t.Errorf("report %+v; want the group and 5 units done", rep)
+	}
+	held := d.enrollments(t)
+	if len(held) != 5 {
+		t.Fatalf("the DPS holds %d individual enrollments; want 5", len(held))
+	}
+	for i := range 5 {
+		id := fmt.Sprintf("sk-device-%d", i)
+		e := held[id]
+		want := dps.EncodeKey(dps.DeriveDeviceKey(groupKey, id))
+		if e.Attestation.SymmetricKey == nil || e.Attestation.SymmetricKey.PrimaryKey != want {
+			t.Errorf("%s: the DPS holds %+v; want the key derived from the group's", id, e.Attestation)
+		}
+	}
+	svc, _ := cloudsync.NewServiceClient(tg, s.sealer)
+	if g, err := svc.GetEnrollmentGroup(ctx, "line-sk"); err != nil || g.Attestation.Type != dps.AttestationSymmetricKey {
+		t.Errorf("group: %+v, %v", g, err)
 	}
 }
