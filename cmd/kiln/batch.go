@@ -318,6 +318,19 @@ func batchSeal(ctx context.Context, e *env, args []string) error {
 			return err
 		}
 	}
+	templateSet := false
+	fs.Visit(func(f *flag.Flag) {
+		switch f.Name {
+		case "allocation", "hub", "twin", "edge", "reprovision", "disabled":
+			templateSet = true
+		}
+	})
+	if *target == "" && templateSet {
+		if b.TargetID == "" {
+			return usagef("the enrollment template goes with a target: give --target NAME too")
+		}
+		*target = b.TargetID
+	}
 	if *target != "" {
 		if err := be.store.SetBatchTarget(ctx, b.ID, *target, tmpl); err != nil {
 			return err
