@@ -2,9 +2,17 @@ package main
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
+	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
@@ -206,5 +214,74 @@ func TestFormatProgress(t *testing.T) {
 	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
 	if len(lines) > 3 || !strings.HasPrefix(lines[len(lines)-1], "export: export 1000/1000 (100%)") || strings.Contains(buf.String(), "\r") {
 		t.Errorf("non-terminal progress:\n%q", buf.String())
+	}
+}
+
+// vendorManifest writes a Microchip-style manifest of n parts signed by a
+// throwaway signer, and that signer's certificate (PEM); it returns both
+// paths.
+func vendorManifest(t *testing.T, dir string, n int) (manifest, signerPEM string) {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "Vendor Manifest Signer"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), BasicConstraintsValid: true, IsCA: true,
+		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b64 := base64.RawURLEncoding
+	var entries []map[string]any
+	for i := range n {
+		uid := fmt.Sprintf("01230000000000%04x", i)
+		payload, _ := json.Marshal(map[string]any{"version": 1, "model": "ATECC608B", "partNumber": "ATECC608B-TFLXTLS", "uniqueId": uid})
+		hdr, _ := json.Marshal(map[string]any{"alg": "ES256", "typ": "JWT", "x5c": []string{base64.StdEncoding.EncodeToString(der)}})
+		input := b64.EncodeToString(hdr) + "." + b64.EncodeToString(payload)
+		sum := sha256.Sum256([]byte(input))
+		r, s, err := ecdsa.Sign(rand.Reader, key, sum[:])
+		if err != nil {
+			t.Fatal(err)
+		}
+		sig := make([]byte, 64)
+		r.FillBytes(sig[:32])
+		s.FillBytes(sig[32:])
+		entries = append(entries, map[string]any{"protected": b64.EncodeToString(hdr), "payload": b64.EncodeToString(payload),
+			"signature": b64.EncodeToString(sig), "header": map[string]string{"uniqueId": uid}})
+	}
+	raw, _ := json.Marshal(entries)
+	manifest, signerPEM = filepath.Join(dir, "parts.json"), filepath.Join(dir, "signer.pem")
+	os.WriteFile(manifest, raw, 0o644)
+	os.WriteFile(signerPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
+	return manifest, signerPEM
+}
+
+func TestBatchImportCLI(t *testing.T) {
+	home, dir := t.TempDir(), t.TempDir()
+	manifest, signer := vendorManifest(t, dir, 7)
+	code, out, errOut := kiln(t, home, "batch", "import", manifest, "--signer", signer, "--json")
+	if code != 0 {
+		t.Fatalf("import: exit %d\n%s\n%s", code, out, errOut)
+	}
+	var parts []struct {
+		UniqueID, RegistrationID string
+		BatchID                  int64
+	}
+	if err := json.Unmarshal([]byte(out), &parts); err != nil || len(parts) != 7 || parts[2].RegistrationID != "sn012300000000000002" {
+		t.Fatalf("import printed %s (%v)", out, err)
+	}
+	if !strings.Contains(errOut, "import parts.json: import 7/7 (100%)") {
+		t.Errorf("no progress line: %q", errOut)
+	}
+	s := openStore(t, home)
+	u, err := s.UnitBySerial(t.Context(), "012300000000000002")
+	if err != nil || u.Method != station.MethodX509 || u.Operator != "tester" {
+		t.Errorf("imported unit %+v, %v", u, err)
+	}
+	// A part changed after signing: nothing more is imported.
+	raw, _ := os.ReadFile(manifest)
+	os.WriteFile(manifest, bytes.Replace(raw, []byte(`"signature":"`), []byte(`"signature":"AA`), 1), 0o644)
+	code, _, errOut = kiln(t, home, "batch", "import", manifest, "--signer", signer)
+	if code != exitFail || !strings.Contains(errOut, "entry 1") || !strings.Contains(errOut, "nothing was imported") {
+		t.Errorf("tampered import: exit %d, %q", code, errOut)
 	}
 }
