@@ -61,6 +61,7 @@ func commands() []command {
 		{"ca", "init|show|export|import|use-remote ...", "the station's signing CA for the X.509 method", runCA},
 		{"qa", "run|check [--slots N] SCENARIO...", "run QA scenarios on simulated or real DUTs; JUnit XML and HTML reports", runQA},
 		{"records", "list|show ...", "list and show provisioning records", runRecords},
+		{"batch", "list|show|seal|push|enable|export|...", "batches: push to a DPS enrollment list, export for customers", runBatch},
 		{"tpm", "info --tpm SPEC", "show a TPM's EK, EK certificate and its validation", runTPM},
 		{"demo", "", "provision one simulated unit end to end in the data dir (what make run does)", runDemo},
 		{"version", "", "print the version", runVersion},
