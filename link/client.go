@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -162,6 +163,10 @@ func Open(ctx context.Context, path string, cfg Config) (*Client, error) {
 	}
 	cfg.setDefaults()
 	cfg.Port = path
+	release, err := claimPort(path)
+	if err != nil {
+		return nil, err
+	}
 	port, err := serial.Open(path, &serial.Mode{
 		BaudRate: cfg.BaudRate,
 		DataBits: 8,
@@ -169,6 +174,7 @@ func Open(ctx context.Context, path string, cfg Config) (*Client, error) {
 		StopBits: serial.OneStopBit,
 	})
 	if err != nil {
+		release()
 		var pe *serial.PortError
 		if errors.As(err, &pe) {
 			switch pe.Code() {
@@ -182,6 +188,7 @@ func Open(ctx context.Context, path string, cfg Config) (*Client, error) {
 		}
 		return nil, station.Errorf(op, station.KindUnavailable, "open %s: %w: check the cable and the port name", path, err)
 	}
+	line := &serialLine{Port: port, release: release}
 	if err := port.SetDTR(true); err != nil {
 		cfg.Logger.Debug("DTR not set (normal on a pty)", "port", path, "err", err)
 	}
@@ -191,7 +198,85 @@ func Open(ctx context.Context, path string, cfg Config) (*Client, error) {
 	if err := port.ResetInputBuffer(); err != nil {
 		cfg.Logger.Debug("input buffer not flushed", "port", path, "err", err)
 	}
-	return NewClient(port, cfg), nil
+	if err := port.SetReadTimeout(readWake); err != nil {
+		line.Close()
+		return nil, station.Errorf(op, station.KindUnavailable, "set the read timeout of %s: %w", path, err)
+	}
+	return NewClient(line, cfg), nil
+}
+
+// openPorts are the serial ports this process has open, by resolved path.
+// Two readers on one port steal each other's bytes (and root ignores the
+// port's exclusive-access flag), so a second Open of a port is refused.
+var openPorts = struct {
+	sync.Mutex
+	m map[string]bool
+}{m: make(map[string]bool)}
+
+// claimPort marks path open in this process and returns its release.
+// Kinds: Conflict when it is open already.
+func claimPort(path string) (func(), error) {
+	key := filepath.Clean(path)
+	if r, err := filepath.EvalSymlinks(path); err == nil {
+		key = r
+	}
+	openPorts.Lock()
+	defer openPorts.Unlock()
+	if openPorts.m[key] {
+		return nil, station.Errorf("open DUT link", station.KindConflict, "serial port %s is already open in this station (another slot or run uses it): give each slot its own port", path)
+	}
+	openPorts.m[key] = true
+	return func() {
+		openPorts.Lock()
+		defer openPorts.Unlock()
+		delete(openPorts.m, key)
+	}, nil
+}
+
+// readWake is how often a read of a serial line wakes up to see whether the
+// line is being closed.
+const readWake = 100 * time.Millisecond
+
+// serialLine is a serial port that is never closed under a read in
+// progress. The port library closes the descriptor before it wakes blocked
+// readers, so a read that loses that race can go on with a descriptor number
+// the process has meanwhile given to another file, and block for ever (with
+// Close waiting for it). Reads here wake every readWake; Close marks the
+// line closing, waits for the read in progress to return, and only then
+// closes the port.
+type serialLine struct {
+	serial.Port
+	mu      sync.RWMutex // held for reading by Read, for writing by Close
+	closing atomic.Bool
+	release func() // gives the port back to claimPort
+	once    sync.Once
+}
+
+func (s *serialLine) Read(p []byte) (int, error) {
+	for {
+		if s.closing.Load() {
+			return 0, io.EOF
+		}
+		s.mu.RLock()
+		var n int
+		var err error
+		if !s.closing.Load() {
+			n, err = s.Port.Read(p)
+		}
+		s.mu.RUnlock()
+		if n > 0 || err != nil {
+			return n, err
+		}
+	}
+}
+
+func (s *serialLine) Close() error {
+	s.closing.Store(true)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	err := s.Port.Close()
+	s.once.Do(s.release)
+	return err
 }
 
 // NewClient returns a Client speaking the DUT link over rwc, which it owns:
