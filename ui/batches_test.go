@@ -147,7 +147,7 @@ func (a *batchActions) Push(ctx context.Context, id int64, progress func(ui.Batc
 	return a.Transition(context.WithoutCancel(ctx), id, station.BatchPushing, station.BatchPushed)
 }
 
-func (a *batchActions) Export(ctx context.Context, id int64, format, path string, progress func(ui.BatchProgress)) error {
+func (a *batchActions) Export(ctx context.Context, id int64, format, path string, handover bool, progress func(ui.BatchProgress)) error {
 	if format != "csv" && format != "dps-json" {
 		return station.Errorf("export batch", station.KindInvalid, "unknown format %q", format)
 	}
@@ -163,6 +163,9 @@ func (a *batchActions) Export(ctx context.Context, id int64, format, path string
 	}
 	if err := os.WriteFile(path, []byte("serial,registration_id\n"+strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
 		return station.E("export batch", station.KindInvalid, err)
+	}
+	if !handover {
+		return nil
 	}
 	return a.Transition(ctx, id, station.BatchSealed, station.BatchExported)
 }
@@ -420,7 +423,7 @@ func TestBatchesStopAndResume(t *testing.T) {
 }
 
 // TestBatchesExport: a sealed batch is exported to the file given, in the
-// format picked; the batch becomes exported.
+// format picked; handed over, the batch becomes exported.
 func TestBatchesExport(t *testing.T) {
 	s, sealed, _ := batchStore(t, serials("SN-A", 3), nil)
 	a := newBatchActions(s)
@@ -441,6 +444,10 @@ func TestBatchesExport(t *testing.T) {
 	if b.ExportPath.Text != path {
 		t.Errorf("the typed path was replaced by %q", b.ExportPath.Text)
 	}
+	if b.Handover.Disabled() {
+		t.Fatal("Hand over is disabled on a sealed batch")
+	}
+	test.Tap(b.Handover)
 	test.Tap(b.Export)
 	l.until(t, 5*time.Second, "exported", func() bool { return !b.Busy() && b.Selected().State == station.BatchExported })
 	data, err := os.ReadFile(path)
