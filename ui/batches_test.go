@@ -489,3 +489,62 @@ func TestBatchesPushUnavailable(t *testing.T) {
 		t.Errorf("after an unreachable target the batch is %s, want sealed", st)
 	}
 }
+
+// phased reports a push in two phases, as cloudsync does: the push, then
+// the read-back of a sample, each with its own counts.
+type phased struct {
+	*batchActions
+	step chan ui.BatchProgress
+}
+
+func (a phased) Push(ctx context.Context, id int64, progress func(ui.BatchProgress)) error {
+	for {
+		select {
+		case p, ok := <-a.step:
+			if !ok {
+				if err := a.Transition(ctx, id, station.BatchSealed, station.BatchPushing); err != nil {
+					return err
+				}
+				return a.Transition(ctx, id, station.BatchPushing, station.BatchPushed)
+			}
+			progress(p)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// TestBatchesPushPhases: the counts name the phase, and the rate and the
+// time left are the phase's own.
+func TestBatchesPushPhases(t *testing.T) {
+	s, sealed, _ := batchStore(t, serials("SN-A", 4), nil)
+	a := phased{newBatchActions(s), make(chan ui.BatchProgress)}
+	p := &scripted{steps: station.TPMSteps, base: base()}
+	u, _, l := newStation(t, p, func(c *ui.Config) {
+		c.Batches = a
+		c.Role = ui.RoleSupervisor
+	})
+	b := u.Batches
+	u.Tabs.SelectIndex(1)
+	b.Select(sealed)
+	l.until(t, 5*time.Second, "the sealed batch", func() bool { return b.Selected() != nil && b.Selected().ID == sealed && !b.Push.Disabled() })
+	test.Tap(b.Push)
+	for _, tt := range []struct {
+		p    ui.BatchProgress
+		want string
+	}{
+		{ui.BatchProgress{Phase: "push", Total: 4}, "push: 0 of 4 done · 0 failed · 4 remaining"},
+		{ui.BatchProgress{Phase: "push", Done: 2, Total: 4, Elapsed: time.Second}, "push: 2 of 4 done · 0 failed · 2 remaining · 2.0 units/s · about 1s left"},
+		{ui.BatchProgress{Phase: "push", Done: 4, Total: 4, Elapsed: 2 * time.Second}, "push: 4 of 4 done · 0 failed · 0 remaining · 2.0 units/s"},
+		{ui.BatchProgress{Phase: "verify", Total: 2, Elapsed: 10 * time.Second}, "verify: 0 of 2 done · 0 failed · 2 remaining"},
+		{ui.BatchProgress{Phase: "verify", Done: 1, Total: 2, Elapsed: 14 * time.Second}, "verify: 1 of 2 done · 0 failed · 1 remaining · 0.2 units/s · about 4s left"},
+	} {
+		a.step <- tt.p
+		l.until(t, 5*time.Second, tt.want, func() bool { _, c := b.JobText(); return c == tt.want })
+	}
+	if b.Progress.Value != 1 || b.Progress.Max != 2 {
+		t.Errorf("progress %v of %v in the verify phase, want 1 of 2", b.Progress.Value, b.Progress.Max)
+	}
+	close(a.step)
+	l.until(t, 5*time.Second, "pushed", func() bool { return !b.Busy() && b.Selected().State == station.BatchPushed })
+}
