@@ -116,8 +116,12 @@ type batchJob struct {
 	startFailed  int
 	startElapsed time.Duration
 	latest       BatchProgress
-	pending      bool // a UI update is queued
-	reports      int
+	// phases lists the phases reported, in order; last holds the last
+	// report of each.
+	phases  []string
+	last    map[string]BatchProgress
+	pending bool // a UI update is queued
+	reports int
 }
 
 // BatchesScreen lists the batches and seals, pushes, exports and enables
@@ -583,7 +587,7 @@ func (b *BatchesScreen) run(op string, f func(ctx context.Context, id int64, p f
 	}
 	u := b.u
 	ctx, cancel := context.WithCancel(u.ctx)
-	job := &batchJob{op: op, batch: bt, cancel: cancel}
+	job := &batchJob{op: op, batch: bt, cancel: cancel, last: map[string]BatchProgress{}}
 	b.job = job
 	b.show()
 	b.jobBox.Show()
@@ -598,7 +602,11 @@ func (b *BatchesScreen) run(op string, f func(ctx context.Context, id int64, p f
 		job.mu.Lock()
 		if job.reports == 0 || p.Phase != job.phase {
 			job.phase, job.startDone, job.startFailed, job.startElapsed = p.Phase, p.Done, p.Failed, p.Elapsed
+			if _, ok := job.last[p.Phase]; !ok {
+				job.phases = append(job.phases, p.Phase)
+			}
 		}
+		job.last[p.Phase] = p
 		job.latest = p
 		job.reports++
 		queue := !job.pending
@@ -621,9 +629,21 @@ func (b *BatchesScreen) run(op string, f func(ctx context.Context, id int64, p f
 		u.cfg.Do(func() {
 			job.mu.Lock()
 			p, seen := job.latest, job.reports > 0
+			var phases []string
+			if len(job.phases) > 1 {
+				// The counts of the first (main) phase, and the others'.
+				p = job.last[job.phases[0]]
+				for _, ph := range job.phases {
+					q := job.last[ph]
+					phases = append(phases, fmt.Sprintf("%s: %d of %d done, %d failed", ph, q.Done, q.Total, q.Failed))
+				}
+			}
 			job.mu.Unlock()
 			if seen {
-				b.showProgress(job, p)
+				b.showProgress(job, job.latest)
+			}
+			if len(phases) > 0 {
+				b.jobCounts.SetText(strings.Join(phases, " · "))
 			}
 			b.job = nil
 			b.Stop.Disable()
@@ -637,7 +657,7 @@ func (b *BatchesScreen) run(op string, f func(ctx context.Context, id int64, p f
 				b.status.SetText(fmt.Sprintf("Batch %d was not %s: %v", bt.ID, verb[1], err))
 			default:
 				b.jobTitle.Text = fmt.Sprintf("Batch %d %s", bt.ID, verb[1])
-				b.status.SetText(fmt.Sprintf("Batch %d %s by %s: %d units.", bt.ID, verb[1], u.OperatorName(), p.Done))
+				b.status.SetText(fmt.Sprintf("Batch %d %s by %s: %s.", bt.ID, verb[1], u.OperatorName(), units(bt.Units)))
 			}
 			b.jobTitle.Refresh()
 			b.Refresh()

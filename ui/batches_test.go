@@ -547,4 +547,11 @@ func TestBatchesPushPhases(t *testing.T) {
 	}
 	close(a.step)
 	l.until(t, 5*time.Second, "pushed", func() bool { return !b.Busy() && b.Selected().State == station.BatchPushed })
+	// At the end, each phase's counts; the status counts the batch's units.
+	if _, c := b.JobText(); c != "push: 4 of 4 done, 0 failed · verify: 1 of 2 done, 0 failed" {
+		t.Errorf("final counts %q", c)
+	}
+	if st := b.Status(); !strings.HasSuffix(st, "pushed by alice: 4 units.") {
+		t.Errorf("status %q", st)
+	}
 }

@@ -113,7 +113,7 @@ type SettingsScreen struct {
 }
 
 // noSealTarget is the Seal-with choice of no target.
-const noSealTarget = "(none: choose when pushing)"
+const noSealTarget = "(not chosen: the only target, if there is just one)"
 
 func newSettings(u *UI) *SettingsScreen {
 	s := &SettingsScreen{u: u}

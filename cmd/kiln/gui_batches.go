@@ -230,7 +230,7 @@ func codeKind(code int) station.Kind {
 // export names them.
 func (g *guiBatches) ExportFormats() []ui.ExportFormat {
 	return []ui.ExportFormat{
-		{ID: exportBulk, Label: "DPS bulk enrollment (JSON)", Ext: ".json"},
+		{ID: exportBulk, Label: "DPS bulk JSON", Ext: ".json"},
 		{ID: exportCSV, Label: "CSV", Ext: ".csv"},
 		{ID: exportManifest, Label: "Signed manifest", Ext: ".manifest.json"},
 	}
