@@ -121,6 +121,16 @@ func runGUI(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	// Batches of X.509 and symmetric-key units enroll through the groups
+	// the provisioner has open (Settings may open them later).
+	batches.groups = func() (*station.SymKeyGroup, []byte) {
+		cur := live.current()
+		var signing []byte
+		if s, ok := cur.Issuer.(interface{ SigningCertificate() []byte }); ok {
+			signing = s.SigningCertificate()
+		}
+		return cur.SymKey, signing
+	}
 	if sim != nil && len(variants) > 0 {
 		variants = append(variants, ui.Variant{Prefix: "SIM-", Model: "Simulated DUT"})
 	}

@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -13,6 +15,7 @@ import (
 	"time"
 
 	"github.com/kilnworks/kiln/cloudsync"
+	"github.com/kilnworks/kiln/dps"
 	"github.com/kilnworks/kiln/station"
 	"github.com/kilnworks/kiln/station/sqlite"
 	"github.com/kilnworks/kiln/ui"
@@ -26,6 +29,11 @@ type guiBatches struct {
 	be      *batchEnv
 	targets *guiTargets
 	log     *slog.Logger
+	// groups returns the station's enrollment groups as the running
+	// provisioner has them: the symmetric-key group (nil: not open) and
+	// the station CA's signing certificate (DER; nil: no CA open). Nil:
+	// batches of group units are pushed with kiln batch push only.
+	groups func() (*station.SymKeyGroup, []byte)
 }
 
 var _ ui.BatchActions = (*guiBatches)(nil)
@@ -104,11 +112,75 @@ func (g *guiBatches) pusher(ctx context.Context, b *station.Batch, progress func
 	if err != nil {
 		return nil, err
 	}
+	if p.Group, err = g.group(ctx, b); err != nil {
+		return nil, err
+	}
 	p.Verify = cloudsync.VerifySample
 	p.Progress = func(pr cloudsync.Progress) {
 		progress(ui.BatchProgress{Phase: pr.Phase, Done: pr.Done, Failed: pr.Failed, Total: pr.Total, Elapsed: pr.Elapsed})
 	}
 	return p, nil
+}
+
+// group returns the enrollment group of batch b's X.509 and symmetric-key
+// units: the station's own, when every such unit enrolls through it
+// (symmetric-key units of the station's group; X.509 units whose leaf the
+// station CA signed). nil when b has no such units. Kinds: Invalid (units
+// the station's groups do not cover, e.g. imported vendor parts: the
+// message says to push them with kiln batch push --group-id).
+func (g *guiBatches) group(ctx context.Context, b *station.Batch) (*cloudsync.Group, error) {
+	units, err := g.be.store.BatchUnits(ctx, b.ID)
+	if err != nil {
+		return nil, err
+	}
+	op := fmt.Sprintf("push batch %d", b.ID)
+	cli := fmt.Sprintf("push it with kiln batch push %d --group-id … --group-cert …|--group-key-file …", b.ID)
+	var sym *station.SymKeyGroup
+	var signing []byte
+	if g.groups != nil {
+		sym, signing = g.groups()
+	}
+	var signer *x509.Certificate
+	if signing != nil {
+		if signer, err = x509.ParseCertificate(signing); err != nil {
+			return nil, station.E(op, station.KindInternal, fmt.Errorf("the station CA's signing certificate: %w", err))
+		}
+	}
+	var x509s, syms int
+	for _, u := range units {
+		switch u.Method {
+		case station.MethodSymKey:
+			syms++
+			if sym == nil || u.EnrollmentGroup != sym.ID {
+				return nil, station.Errorf(op, station.KindInvalid,
+					"unit %s enrolls through the symmetric-key group %q, which this station does not have open: %s", u.Serial, u.EnrollmentGroup, cli)
+			}
+		case station.MethodX509:
+			x509s++
+			leaf, err := x509.ParseCertificate(u.Certificate)
+			if err != nil || signer == nil || leaf.CheckSignatureFrom(signer) != nil {
+				return nil, station.Errorf(op, station.KindInvalid,
+					"unit %s holds no certificate from this station's CA (an imported part, or the X.509 method is not in use): %s", u.Serial, cli)
+			}
+		}
+	}
+	switch {
+	case x509s > 0 && syms > 0:
+		return nil, station.Errorf(op, station.KindInvalid, "batch %d mixes X.509 and symmetric-key units, which need two enrollment groups: %s for each", b.ID, cli)
+	case syms > 0:
+		key := dps.EncodeKey(sym.Key)
+		return &cloudsync.Group{ID: sym.ID, Attestation: dps.AttestationMechanism{Type: dps.AttestationSymmetricKey,
+			SymmetricKey: &dps.SymmetricKeyAttestation{PrimaryKey: key, SecondaryKey: key}}}, nil
+	case x509s > 0:
+		id := g.be.c.X509Group
+		if id == "" {
+			id = defaultX509Group
+		}
+		pemCert := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: signing}))
+		return &cloudsync.Group{ID: id, Attestation: dps.AttestationMechanism{Type: dps.AttestationX509,
+			X509: &dps.X509Attestation{SigningCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: pemCert}}}}}, nil
+	}
+	return nil, nil
 }
 
 // Push pushes batch id to its target through cloudsync's durable outbox:
@@ -171,7 +243,14 @@ func (g *guiBatches) Export(ctx context.Context, id int64, format, path string, 
 	start := time.Now()
 	progress(ui.BatchProgress{Total: len(units)})
 	step := func(done int) { progress(ui.BatchProgress{Done: done, Total: len(units), Elapsed: time.Since(start)}) }
-	if err := commit(writeBatchExport(g.be, w, b, units, format, nil, false, step)); err != nil {
+	var group *cloudsync.Group
+	if format == exportBulk {
+		if group, err = g.group(ctx, b); err != nil {
+			commit(err)
+			return err
+		}
+	}
+	if err := commit(writeBatchExport(g.be, w, b, units, format, group, false, step)); err != nil {
 		return err
 	}
 	g.log.Info("batch exported", "batch", id, "format", format, "path", path, "units", len(units))

@@ -3,19 +3,25 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"math/big"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/google/go-tpm/tpm2"
 
@@ -438,5 +444,104 @@ func TestCloudTileBatchTarget(t *testing.T) {
 	_, err = cloudStatus(t.Context(), tgt, nil, d.DialContext)
 	if station.KindOf(err) != station.KindUnavailable || !strings.Contains(err.Error(), "batch target lab") {
 		t.Errorf("a closed target: %v, want Unavailable naming the target", err)
+	}
+}
+
+// TestGUIBatchesGroups: batches of symmetric-key and X.509 units are pushed
+// through the station's own enrollment groups (its group key; its CA's
+// signing certificate); units the station's groups do not cover (an
+// imported part without a leaf from the station CA) are refused with the
+// kiln batch command that pushes them.
+func TestGUIBatchesGroups(t *testing.T) {
+	ctx := t.Context()
+	home, dir := t.TempDir(), t.TempDir()
+	_, s, g, tg := guiEnv(t, home)
+	emb, err := devserver.StartEmbedded(ctx, devserver.EmbeddedConfig{DataDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { emb.Close() })
+	caFile := filepath.Join(dir, "ca.pem")
+	os.WriteFile(caFile, emb.TrustPEM, 0o644)
+	if err := tg.AddTarget(ctx, ui.NewBatchTarget{Name: "lab", ConnectionString: emb.DPS.ServiceConnectionString(), TrustPath: caFile, OpsPerMinute: 6000}); err != nil {
+		t.Fatal(err)
+	}
+	svc, err := emb.ServiceClient()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// A throwaway station CA and the group key.
+	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "Kiln Test Intermediate"},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), BasicConstraintsValid: true, IsCA: true,
+		KeyUsage: x509.KeyUsageCertSign | x509.KeyUsageDigitalSignature}
+	caDER, err := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, caKey.Public(), caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(caDER)
+	sym := &station.SymKeyGroup{ID: "kiln-symkey", Key: bytes.Repeat([]byte{7}, 32)}
+	g.groups = func() (*station.SymKeyGroup, []byte) { return sym, caDER }
+
+	record := func(name string, units ...*station.Unit) *station.Batch {
+		t.Helper()
+		b := &station.Batch{Name: name}
+		if err := s.CreateBatch(ctx, b); err != nil {
+			t.Fatal(err)
+		}
+		for _, u := range units {
+			u.Station, u.Operator = "kiln", "ana"
+			if err := s.RecordUnit(ctx, u); err != nil {
+				t.Fatal(err)
+			}
+			if err := s.AddUnit(ctx, b.ID, u.Serial); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := g.Seal(ctx, b.ID); err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	leaf := func(cn string) []byte {
+		k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn},
+			NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), KeyUsage: x509.KeyUsageDigitalSignature,
+			ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, k.Public(), caKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return der
+	}
+
+	symBatch := record("sym", &station.Unit{Serial: "SK-1", RegistrationID: "sk-1", Method: station.MethodSymKey, EnrollmentGroup: "kiln-symkey"},
+		&station.Unit{Serial: "SK-2", RegistrationID: "sk-2", Method: station.MethodSymKey, EnrollmentGroup: "kiln-symkey"})
+	if err := g.Push(ctx, symBatch.ID, func(ui.BatchProgress) {}); err != nil {
+		t.Fatalf("push of symmetric-key units: %v", err)
+	}
+	eg, err := svc.GetEnrollmentGroup(ctx, "kiln-symkey")
+	if err != nil || eg.Attestation.SymmetricKey == nil || eg.Attestation.SymmetricKey.PrimaryKey != dps.EncodeKey(sym.Key) {
+		t.Errorf("the DPS's symmetric-key group: %+v, %v", eg, err)
+	}
+
+	x509Batch := record("x509", &station.Unit{Serial: "X-1", RegistrationID: "x-1", Method: station.MethodX509, Certificate: leaf("x-1")})
+	if err := g.Push(ctx, x509Batch.ID, func(ui.BatchProgress) {}); err != nil {
+		t.Fatalf("push of X.509 units: %v", err)
+	}
+	eg, err = svc.GetEnrollmentGroup(ctx, defaultX509Group)
+	if err != nil || eg.Attestation.X509 == nil || !strings.Contains(eg.Attestation.X509.SigningCertificates.Primary.Certificate, "BEGIN CERTIFICATE") {
+		t.Errorf("the DPS's X.509 group: %+v, %v", eg, err)
+	}
+
+	vendor := record("vendor", &station.Unit{Serial: "0123AB", RegistrationID: "sn0123ab", Method: station.MethodX509})
+	err = g.Push(ctx, vendor.ID, func(ui.BatchProgress) {})
+	if station.KindOf(err) != station.KindInvalid || !strings.Contains(err.Error(), "kiln batch push") {
+		t.Errorf("push of an imported part: %v, want Invalid naming kiln batch push", err)
+	}
+	b, _ := s.Batch(ctx, vendor.ID)
+	if b.State != station.BatchSealed {
+		t.Errorf("a refused push left the batch %s, want sealed", b.State)
 	}
 }
