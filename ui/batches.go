@@ -230,7 +230,7 @@ func newBatches(u *UI) *BatchesScreen {
 	b.Browse = widget.NewButtonWithIcon("Browse…", theme.FolderOpenIcon(), b.browse)
 	b.Handover = widget.NewCheck("Hand over: the batch is delivered as this file and will not be pushed", nil)
 	actions := container.NewHBox(b.Seal, b.Push, b.Enable)
-	exportRow := container.NewVBox(container.NewBorder(nil, nil, container.NewHBox(b.Export, b.ExportFormat), b.Browse, b.ExportPath), b.Handover)
+	exportRow := container.NewVBox(container.NewBorder(nil, nil, container.NewHBox(b.Export, sized(b.ExportFormat, 190)), b.Browse, b.ExportPath), b.Handover)
 
 	b.Progress = widget.NewProgressBar()
 	b.jobTitle = bigText("", 18, colorInk, true)
