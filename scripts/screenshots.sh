@@ -27,6 +27,19 @@ for _ in $(seq 50); do xdotool getdisplaygeometry >/dev/null 2>&1 && break; slee
 SUPERVISOR_PW=screenshot-supervisor
 printf '%s\n' "$SUPERVISOR_PW" | "$KILN" gui --set-supervisor-password >/dev/null
 
+# A batch target: a second devserver (kiln serve) stands in for the
+# customer's Azure DPS, so that the Batches screen pushes to a real service
+# API. Its connection string goes in on standard input, as an operator
+# would give it, and is stored sealed.
+"$KILN" serve --data "$home/customer-dps" --json >"$home/serve.json" 2>"$home/serve.log" &
+pids+=($!)
+for _ in $(seq 150); do grep -q trust_bundle "$home/serve.json" 2>/dev/null && break; sleep 0.1; done
+conn=$(sed -n 's/.*"service_connection_string": *"\([^"]*\)".*/\1/p' "$home/serve.json")
+trust=$(sed -n 's/.*"trust_bundle": *"\([^"]*\)".*/\1/p' "$home/serve.json")
+[ -n "$conn" ] || { cat "$home/serve.log"; echo "kiln serve did not start" >&2; exit 1; }
+printf '%s\n' "$conn" | "$KILN" batch target add customer-lab --connection-string-file - --trust "$trust" --ops-per-minute 600 >/dev/null
+unset conn
+
 "$KILN" gui --operator "Ana Silva" >"$home/kiln.log" 2>&1 &
 kiln_pid=$!
 pids+=($kiln_pid)
@@ -82,8 +95,15 @@ sleep 2
 
 xdotool key --window "$win" alt+3
 sleep 2
-# Seal the open batch (the unit that passed is in it).
+# Seal the open batch (the unit that passed is in it): it is bound to the
+# only target, then push it and let the push and its read-back finish.
 xdotool mousemove --window "$win" ${SEAL_X:-560} ${SEAL_Y:-247} click 1
+sleep 2
+xdotool mousemove --window "$win" ${PUSH_X:-660} ${PUSH_Y:-247} click 1
+for _ in $(seq 60); do
+  sleep 0.5
+  "$KILN" batch list 2>/dev/null | grep -q " pushed " && break
+done
 sleep 2
 shot batches.png
 

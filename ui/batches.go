@@ -47,10 +47,11 @@ type BatchActions interface {
 	// refused the station's credentials).
 	Push(ctx context.Context, id int64, progress func(BatchProgress)) error
 	// Export writes the units of batch id to the file at path in format
-	// (one of ExportFormats). Kinds: NotFound; Invalid (an unknown format
-	// or an unusable path); Conflict (the batch cannot be exported in its
-	// state).
-	Export(ctx context.Context, id int64, format string, path string, progress func(BatchProgress)) error
+	// (one of ExportFormats). With handover, a sealed batch then becomes
+	// exported: handed over as files instead of pushed. Kinds: NotFound;
+	// Invalid (an unknown format or an unusable path); Conflict (the batch
+	// cannot be exported in its state).
+	Export(ctx context.Context, id int64, format string, path string, handover bool, progress func(BatchProgress)) error
 	// Enable sets the enrollments of the pushed batch id to enabled in its
 	// target, so its devices may register. Kinds as for Push.
 	Enable(ctx context.Context, id int64, progress func(BatchProgress)) error
@@ -71,6 +72,10 @@ type ExportFormat struct {
 
 // BatchProgress is how far a long batch operation is.
 type BatchProgress struct {
+	// Phase names the part of the operation in progress when it has
+	// several (e.g. "push", then "verify" for the read-back); the counts
+	// are the phase's. "": the operation has one.
+	Phase   string
 	Done    int           // units handled successfully (this call and earlier ones)
 	Failed  int           // units that failed in this call
 	Total   int           // units in the batch
@@ -103,11 +108,20 @@ type batchJob struct {
 	batch  *station.Batch
 	cancel context.CancelFunc
 
-	mu        sync.Mutex
-	startDone int // Done at the first report, for the rate
-	latest    BatchProgress
-	pending   bool // a UI update is queued
-	reports   int
+	mu sync.Mutex
+	// phase is the phase reported last; startDone, startFailed and
+	// startElapsed are the counts at its first report, for the rate.
+	phase        string
+	startDone    int
+	startFailed  int
+	startElapsed time.Duration
+	latest       BatchProgress
+	// phases lists the phases reported, in order; last holds the last
+	// report of each.
+	phases  []string
+	last    map[string]BatchProgress
+	pending bool // a UI update is queued
+	reports int
 }
 
 // BatchesScreen lists the batches and seals, pushes, exports and enables
@@ -127,6 +141,9 @@ type BatchesScreen struct {
 	ExportFormat *widget.Select
 	ExportPath   *widget.Entry
 	Browse       *widget.Button
+	// Handover marks a sealed batch exported once the file is written:
+	// handed over as files instead of pushed.
+	Handover *widget.Check
 	// Progress shows the operation in progress.
 	Progress *widget.ProgressBar
 
@@ -211,8 +228,9 @@ func newBatches(u *UI) *BatchesScreen {
 	b.ExportPath = widget.NewEntry()
 	b.ExportPath.SetPlaceHolder("file to write, e.g. /media/usb/batch-3.json")
 	b.Browse = widget.NewButtonWithIcon("Browse…", theme.FolderOpenIcon(), b.browse)
+	b.Handover = widget.NewCheck("Hand over: the batch is delivered as this file and will not be pushed", nil)
 	actions := container.NewHBox(b.Seal, b.Push, b.Enable)
-	exportRow := container.NewBorder(nil, nil, container.NewHBox(b.Export, b.ExportFormat), b.Browse, b.ExportPath)
+	exportRow := container.NewVBox(container.NewBorder(nil, nil, container.NewHBox(b.Export, sized(b.ExportFormat, 190)), b.Browse, b.ExportPath), b.Handover)
 
 	b.Progress = widget.NewProgressBar()
 	b.jobTitle = bigText("", 18, colorInk, true)
@@ -361,7 +379,7 @@ func (b *BatchesScreen) show() {
 	} else {
 		b.locked.Show()
 	}
-	for _, w := range []fyne.Disableable{b.Seal, b.Push, b.Export, b.Enable, b.ExportFormat, b.ExportPath, b.Browse} {
+	for _, w := range []fyne.Disableable{b.Seal, b.Push, b.Export, b.Enable, b.ExportFormat, b.ExportPath, b.Browse, b.Handover} {
 		w.Disable()
 	}
 	if bt == nil {
@@ -415,6 +433,9 @@ func (b *BatchesScreen) show() {
 			for _, w := range []fyne.Disableable{b.Export, b.ExportFormat, b.ExportPath, b.Browse} {
 				w.Enable()
 			}
+		}
+		if bt.State == station.BatchSealed {
+			b.Handover.Enable()
 		}
 	}
 	if bt.State == station.BatchPushing {
@@ -545,8 +566,9 @@ func (b *BatchesScreen) export() {
 		b.status.SetText("Give the file to export to (Browse… picks one).")
 		return
 	}
+	handover := b.Handover.Checked && !b.Handover.Disabled()
 	b.run("Export", func(ctx context.Context, id int64, p func(BatchProgress)) error {
-		return b.u.cfg.Batches.Export(ctx, id, f.ID, path, p)
+		return b.u.cfg.Batches.Export(ctx, id, f.ID, path, handover, p)
 	})
 }
 
@@ -565,7 +587,7 @@ func (b *BatchesScreen) run(op string, f func(ctx context.Context, id int64, p f
 	}
 	u := b.u
 	ctx, cancel := context.WithCancel(u.ctx)
-	job := &batchJob{op: op, batch: bt, cancel: cancel}
+	job := &batchJob{op: op, batch: bt, cancel: cancel, last: map[string]BatchProgress{}}
 	b.job = job
 	b.show()
 	b.jobBox.Show()
@@ -578,9 +600,13 @@ func (b *BatchesScreen) run(op string, f func(ctx context.Context, id int64, p f
 	b.status.SetText("")
 	report := func(p BatchProgress) {
 		job.mu.Lock()
-		if job.reports == 0 {
-			job.startDone = p.Done
+		if job.reports == 0 || p.Phase != job.phase {
+			job.phase, job.startDone, job.startFailed, job.startElapsed = p.Phase, p.Done, p.Failed, p.Elapsed
+			if _, ok := job.last[p.Phase]; !ok {
+				job.phases = append(job.phases, p.Phase)
+			}
 		}
+		job.last[p.Phase] = p
 		job.latest = p
 		job.reports++
 		queue := !job.pending
@@ -603,9 +629,21 @@ func (b *BatchesScreen) run(op string, f func(ctx context.Context, id int64, p f
 		u.cfg.Do(func() {
 			job.mu.Lock()
 			p, seen := job.latest, job.reports > 0
+			var phases []string
+			if len(job.phases) > 1 {
+				// The counts of the first (main) phase, and the others'.
+				p = job.last[job.phases[0]]
+				for _, ph := range job.phases {
+					q := job.last[ph]
+					phases = append(phases, fmt.Sprintf("%s: %d of %d done, %d failed", ph, q.Done, q.Total, q.Failed))
+				}
+			}
 			job.mu.Unlock()
 			if seen {
-				b.showProgress(job, p)
+				b.showProgress(job, job.latest)
+			}
+			if len(phases) > 0 {
+				b.jobCounts.SetText(strings.Join(phases, " · "))
 			}
 			b.job = nil
 			b.Stop.Disable()
@@ -619,7 +657,7 @@ func (b *BatchesScreen) run(op string, f func(ctx context.Context, id int64, p f
 				b.status.SetText(fmt.Sprintf("Batch %d was not %s: %v", bt.ID, verb[1], err))
 			default:
 				b.jobTitle.Text = fmt.Sprintf("Batch %d %s", bt.ID, verb[1])
-				b.status.SetText(fmt.Sprintf("Batch %d %s by %s: %d units.", bt.ID, verb[1], u.OperatorName(), p.Done))
+				b.status.SetText(fmt.Sprintf("Batch %d %s by %s: %s.", bt.ID, verb[1], u.OperatorName(), units(bt.Units)))
 			}
 			b.jobTitle.Refresh()
 			b.Refresh()
@@ -630,14 +668,22 @@ func (b *BatchesScreen) run(op string, f func(ctx context.Context, id int64, p f
 // showProgress shows a progress report of job. On the UI goroutine.
 func (b *BatchesScreen) showProgress(job *batchJob, p BatchProgress) {
 	job.mu.Lock()
-	startDone := job.startDone
+	var r float64
+	if job.phase == p.Phase {
+		if el := p.Elapsed - job.startElapsed; el > 0 {
+			r = float64(p.Done-job.startDone+p.Failed-job.startFailed) / el.Seconds()
+		}
+	}
 	job.mu.Unlock()
 	if p.Total > 0 {
 		b.Progress.Max = float64(p.Total)
 	}
 	b.Progress.SetValue(float64(p.Done + p.Failed))
 	s := fmt.Sprintf("%d of %d done · %d failed · %d remaining", p.Done, p.Total, p.Failed, p.Remaining())
-	if r := p.Rate(startDone); r > 0 {
+	if p.Phase != "" {
+		s = p.Phase + ": " + s
+	}
+	if r > 0 {
 		s += fmt.Sprintf(" · %.1f units/s", r)
 		if rem := p.Remaining(); rem > 0 {
 			left := time.Duration(float64(rem) / r * float64(time.Second))

@@ -147,7 +147,7 @@ func (a *batchActions) Push(ctx context.Context, id int64, progress func(ui.Batc
 	return a.Transition(context.WithoutCancel(ctx), id, station.BatchPushing, station.BatchPushed)
 }
 
-func (a *batchActions) Export(ctx context.Context, id int64, format, path string, progress func(ui.BatchProgress)) error {
+func (a *batchActions) Export(ctx context.Context, id int64, format, path string, handover bool, progress func(ui.BatchProgress)) error {
 	if format != "csv" && format != "dps-json" {
 		return station.Errorf("export batch", station.KindInvalid, "unknown format %q", format)
 	}
@@ -163,6 +163,9 @@ func (a *batchActions) Export(ctx context.Context, id int64, format, path string
 	}
 	if err := os.WriteFile(path, []byte("serial,registration_id\n"+strings.Join(lines, "\n")+"\n"), 0o600); err != nil {
 		return station.E("export batch", station.KindInvalid, err)
+	}
+	if !handover {
+		return nil
 	}
 	return a.Transition(ctx, id, station.BatchSealed, station.BatchExported)
 }
@@ -420,7 +423,7 @@ func TestBatchesStopAndResume(t *testing.T) {
 }
 
 // TestBatchesExport: a sealed batch is exported to the file given, in the
-// format picked; the batch becomes exported.
+// format picked; handed over, the batch becomes exported.
 func TestBatchesExport(t *testing.T) {
 	s, sealed, _ := batchStore(t, serials("SN-A", 3), nil)
 	a := newBatchActions(s)
@@ -441,6 +444,10 @@ func TestBatchesExport(t *testing.T) {
 	if b.ExportPath.Text != path {
 		t.Errorf("the typed path was replaced by %q", b.ExportPath.Text)
 	}
+	if b.Handover.Disabled() {
+		t.Fatal("Hand over is disabled on a sealed batch")
+	}
+	test.Tap(b.Handover)
 	test.Tap(b.Export)
 	l.until(t, 5*time.Second, "exported", func() bool { return !b.Busy() && b.Selected().State == station.BatchExported })
 	data, err := os.ReadFile(path)
@@ -480,5 +487,71 @@ func TestBatchesPushUnavailable(t *testing.T) {
 	l.until(t, 5*time.Second, "Push enabled again", func() bool { return !b.Push.Disabled() })
 	if st := batchState(t, s, sealed); st != station.BatchSealed {
 		t.Errorf("after an unreachable target the batch is %s, want sealed", st)
+	}
+}
+
+// phased reports a push in two phases, as cloudsync does: the push, then
+// the read-back of a sample, each with its own counts.
+type phased struct {
+	*batchActions
+	step chan ui.BatchProgress
+}
+
+func (a phased) Push(ctx context.Context, id int64, progress func(ui.BatchProgress)) error {
+	for {
+		select {
+		case p, ok := <-a.step:
+			if !ok {
+				if err := a.Transition(ctx, id, station.BatchSealed, station.BatchPushing); err != nil {
+					return err
+				}
+				return a.Transition(ctx, id, station.BatchPushing, station.BatchPushed)
+			}
+			progress(p)
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// TestBatchesPushPhases: the counts name the phase, and the rate and the
+// time left are the phase's own.
+func TestBatchesPushPhases(t *testing.T) {
+	s, sealed, _ := batchStore(t, serials("SN-A", 4), nil)
+	a := phased{newBatchActions(s), make(chan ui.BatchProgress)}
+	p := &scripted{steps: station.TPMSteps, base: base()}
+	u, _, l := newStation(t, p, func(c *ui.Config) {
+		c.Batches = a
+		c.Role = ui.RoleSupervisor
+	})
+	b := u.Batches
+	u.Tabs.SelectIndex(1)
+	b.Select(sealed)
+	l.until(t, 5*time.Second, "the sealed batch", func() bool { return b.Selected() != nil && b.Selected().ID == sealed && !b.Push.Disabled() })
+	test.Tap(b.Push)
+	for _, tt := range []struct {
+		p    ui.BatchProgress
+		want string
+	}{
+		{ui.BatchProgress{Phase: "push", Total: 4}, "push: 0 of 4 done · 0 failed · 4 remaining"},
+		{ui.BatchProgress{Phase: "push", Done: 2, Total: 4, Elapsed: time.Second}, "push: 2 of 4 done · 0 failed · 2 remaining · 2.0 units/s · about 1s left"},
+		{ui.BatchProgress{Phase: "push", Done: 4, Total: 4, Elapsed: 2 * time.Second}, "push: 4 of 4 done · 0 failed · 0 remaining · 2.0 units/s"},
+		{ui.BatchProgress{Phase: "verify", Total: 2, Elapsed: 10 * time.Second}, "verify: 0 of 2 done · 0 failed · 2 remaining"},
+		{ui.BatchProgress{Phase: "verify", Done: 1, Total: 2, Elapsed: 14 * time.Second}, "verify: 1 of 2 done · 0 failed · 1 remaining · 0.2 units/s · about 4s left"},
+	} {
+		a.step <- tt.p
+		l.until(t, 5*time.Second, tt.want, func() bool { _, c := b.JobText(); return c == tt.want })
+	}
+	if b.Progress.Value != 1 || b.Progress.Max != 2 {
+		t.Errorf("progress %v of %v in the verify phase, want 1 of 2", b.Progress.Value, b.Progress.Max)
+	}
+	close(a.step)
+	l.until(t, 5*time.Second, "pushed", func() bool { return !b.Busy() && b.Selected().State == station.BatchPushed })
+	// At the end, each phase's counts; the status counts the batch's units.
+	if _, c := b.JobText(); c != "push: 4 of 4 done, 0 failed · verify: 1 of 2 done, 0 failed" {
+		t.Errorf("final counts %q", c)
+	}
+	if st := b.Status(); !strings.HasSuffix(st, "pushed by alice: 4 units.") {
+		t.Errorf("status %q", st)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"regexp"
+	"strconv"
 	"strings"
 
 	"fyne.io/fyne/v2"
@@ -40,6 +41,44 @@ type Settings interface {
 	Apply(ctx context.Context, p Profile) error
 }
 
+// BatchTarget is a DPS target batches are pushed to, as the Settings
+// screen lists it. It never carries the connection string.
+type BatchTarget struct {
+	Name         string
+	Host         string // the connection string's HostName
+	OpsPerMinute int    // the target's operations quota per minute
+	PrivateCA    bool   // its TLS certificate chains to a root of its own (a devserver)
+}
+
+// NewBatchTarget is a target a supervisor adds.
+type NewBatchTarget struct {
+	Name string
+	// ConnectionString is the DPS service connection string. It holds a
+	// key: the screen never shows it again, logs it or keeps it.
+	ConnectionString string
+	// TrustPath is a PEM file holding the TLS root of a devserver target;
+	// "": the system roots (Azure).
+	TrustPath    string
+	OpsPerMinute int // 0: the default quota
+}
+
+// Targets keeps the DPS targets batches are pushed to, for the Settings
+// screen; cmd/kiln stores the connection strings sealed.
+type Targets interface {
+	// Targets returns the targets, by name.
+	Targets(ctx context.Context) ([]BatchTarget, error)
+	// AddTarget checks t and adds it, or replaces the target of the same
+	// name. Kinds: Invalid (the message says which field and why, never
+	// the connection string itself).
+	AddTarget(ctx context.Context, t NewBatchTarget) error
+	// SealTarget returns the target that batches sealed on the Batches
+	// screen are bound to ("": none chosen). It must not block.
+	SealTarget() string
+	// SetSealTarget chooses the target sealed batches are bound to ("":
+	// none) and saves the choice. Kinds: NotFound (no such target).
+	SetSealTarget(ctx context.Context, name string) error
+}
+
 // SettingsScreen edits the station profile. Only a supervisor sees the
 // form; a technician sees a notice instead.
 type SettingsScreen struct {
@@ -59,7 +98,22 @@ type SettingsScreen struct {
 	// Save validates, applies and saves the profile.
 	Save   *widget.Button
 	status *widget.Label
+
+	// The batch targets (when Config.Targets is set): the list, the
+	// target batches are sealed with, and the form that adds one.
+	SealWith         *widget.Select
+	TargetName       *widget.Entry
+	TargetConnection *widget.Entry // a password entry: never shown
+	TargetTrust      *widget.Entry
+	TargetQuota      *widget.Entry
+	AddTarget        *widget.Button
+	targetList       *widget.Label
+	targetStatus     *widget.Label
+	targets          []BatchTarget
 }
+
+// noSealTarget is the Seal-with choice of no target.
+const noSealTarget = "(not chosen: the only target, if there is just one)"
 
 func newSettings(u *UI) *SettingsScreen {
 	s := &SettingsScreen{u: u}
@@ -89,12 +143,183 @@ func newSettings(u *UI) *SettingsScreen {
 		widget.NewFormItem("Production ID scope", s.ProductionIDScope),
 		widget.NewFormItem("Production endpoint", s.ProductionEndpoint),
 	)
-	s.form = container.NewVBox(heading("Station profile"), f, container.NewHBox(s.Save), s.status)
+	body := container.NewVBox(heading("Station profile"), f, container.NewHBox(s.Save), s.status)
+	if u.cfg.Targets != nil {
+		body.Add(widget.NewSeparator())
+		body.Add(s.newTargets())
+	}
+	s.form = container.NewVScroll(body)
 	s.locked = widget.NewLabel("Settings are for supervisors: ask a supervisor to log in.")
 	s.content = container.NewPadded(container.NewStack(s.form, container.NewVBox(s.locked)))
 	s.load(u.cfg.Settings.Profile())
 	s.roleChanged()
+	s.RefreshTargets()
 	return s
+}
+
+// newTargets builds the batch targets section.
+func (s *SettingsScreen) newTargets() fyne.CanvasObject {
+	s.targetList = widget.NewLabel("")
+	s.targetList.Wrapping = fyne.TextWrapWord
+	s.SealWith = widget.NewSelect([]string{noSealTarget}, nil)
+	s.SealWith.SetSelected(noSealTarget)
+	s.SealWith.OnChanged = s.chooseSealTarget
+	s.TargetName = widget.NewEntry()
+	s.TargetName.SetPlaceHolder("e.g. customer-eu (letters, digits, . _ -)")
+	s.TargetConnection = widget.NewPasswordEntry()
+	s.TargetConnection.SetPlaceHolder("HostName=…;SharedAccessKeyName=…;SharedAccessKey=…")
+	s.TargetTrust = widget.NewEntry()
+	s.TargetTrust.SetPlaceHolder("devserver only: its CA certificate (PEM file); empty for Azure")
+	s.TargetQuota = widget.NewEntry()
+	s.TargetQuota.SetPlaceHolder("operations per minute; empty: 1000 (Azure's per unit)")
+	s.AddTarget = widget.NewButton("Add target", s.addTarget)
+	s.targetStatus = widget.NewLabel("")
+	s.targetStatus.Wrapping = fyne.TextWrapWord
+	f := widget.NewForm(
+		widget.NewFormItem("Name", s.TargetName),
+		widget.NewFormItem("Service connection string", s.TargetConnection),
+		widget.NewFormItem("TLS root (PEM)", s.TargetTrust),
+		widget.NewFormItem("Quota", s.TargetQuota),
+	)
+	seal := widget.NewForm(widget.NewFormItem("Seal batches with", s.SealWith))
+	return container.NewVBox(heading("Batch targets"), s.targetList, seal,
+		widget.NewLabel("Add a target (the connection string is stored sealed and never shown again):"), f,
+		container.NewHBox(s.AddTarget), s.targetStatus)
+}
+
+// RefreshTargets reads the batch targets off the UI goroutine and shows
+// them.
+func (s *SettingsScreen) RefreshTargets() {
+	u := s.u
+	if u.cfg.Targets == nil {
+		return
+	}
+	u.goUI(func(ctx context.Context) {
+		ts, err := u.cfg.Targets.Targets(ctx)
+		u.cfg.Do(func() {
+			if err != nil {
+				s.targetList.SetText("The targets could not be read (" + err.Error() + ").")
+				return
+			}
+			s.showTargets(ts)
+		})
+	})
+}
+
+// showTargets shows ts and the target batches are sealed with. On the UI
+// goroutine.
+func (s *SettingsScreen) showTargets(ts []BatchTarget) {
+	s.targets = ts
+	var lines []string
+	options := []string{noSealTarget}
+	for _, t := range ts {
+		l := fmt.Sprintf("%s · %s · %d operations/min", t.Name, t.Host, t.OpsPerMinute)
+		if t.PrivateCA {
+			l += " · own TLS root"
+		}
+		lines = append(lines, l)
+		options = append(options, t.Name)
+	}
+	if len(lines) == 0 {
+		lines = append(lines, "No targets yet: add the DPS your batches go to below.")
+	}
+	s.targetList.SetText(strings.Join(lines, "\n"))
+	cur := s.u.cfg.Targets.SealTarget()
+	if cur == "" {
+		cur = noSealTarget
+	}
+	s.SealWith.Options = options
+	s.SealWith.Selected = cur // not SetSelected: it is not the supervisor's choice
+	s.SealWith.Refresh()
+}
+
+// Targets returns the batch targets the screen lists.
+func (s *SettingsScreen) Targets() []BatchTarget { return s.targets }
+
+// TargetStatus returns the message under the targets: what was added or
+// chosen, or why not.
+func (s *SettingsScreen) TargetStatus() string {
+	if s.targetStatus == nil {
+		return ""
+	}
+	return s.targetStatus.Text
+}
+
+func (s *SettingsScreen) chooseSealTarget(name string) {
+	u := s.u
+	if u.role() != RoleSupervisor || u.cfg.Targets == nil {
+		return
+	}
+	if name == noSealTarget {
+		name = ""
+	}
+	if name == u.cfg.Targets.SealTarget() {
+		return
+	}
+	u.goUI(func(ctx context.Context) {
+		err := u.cfg.Targets.SetSealTarget(ctx, name)
+		u.cfg.Do(func() {
+			switch {
+			case err != nil:
+				s.targetStatus.SetText("Not chosen: " + err.Error())
+			case name == "":
+				s.targetStatus.SetText("Batches are sealed without a target now.")
+			default:
+				s.targetStatus.SetText("Batches sealed from now on go to " + name + ".")
+			}
+			s.RefreshTargets()
+		})
+	})
+}
+
+// addTarget checks the form and adds the target off the UI goroutine. The
+// connection string leaves the form as soon as it is read.
+func (s *SettingsScreen) addTarget() {
+	u := s.u
+	if u.role() != RoleSupervisor || u.cfg.Targets == nil {
+		return
+	}
+	t := NewBatchTarget{
+		Name:             strings.TrimSpace(s.TargetName.Text),
+		ConnectionString: strings.TrimSpace(s.TargetConnection.Text),
+		TrustPath:        strings.TrimSpace(s.TargetTrust.Text),
+	}
+	if q := strings.TrimSpace(s.TargetQuota.Text); q != "" {
+		n, err := strconv.Atoi(q)
+		if err != nil || n <= 0 {
+			s.targetStatus.SetText(fmt.Sprintf("Not added: the quota %q is not a positive number of operations per minute.", q))
+			return
+		}
+		t.OpsPerMinute = n
+	}
+	switch {
+	case t.Name == "":
+		s.targetStatus.SetText("Not added: give the target a name.")
+		return
+	case t.ConnectionString == "":
+		s.targetStatus.SetText("Not added: paste the DPS's service connection string (the portal's Shared access policies page shows it).")
+		return
+	}
+	s.TargetConnection.SetText("")
+	s.AddTarget.Disable()
+	s.targetStatus.SetText("Adding " + t.Name + "…")
+	u.goUI(func(ctx context.Context) {
+		err := u.cfg.Targets.AddTarget(ctx, t)
+		u.cfg.Do(func() {
+			if u.role() == RoleSupervisor {
+				s.AddTarget.Enable()
+			}
+			if err != nil {
+				s.targetStatus.SetText("Not added: " + err.Error() + " (paste the connection string again)")
+				return
+			}
+			s.TargetName.SetText("")
+			s.TargetTrust.SetText("")
+			s.TargetQuota.SetText("")
+			s.targetStatus.SetText("Target " + t.Name + " added; its connection string is stored sealed.")
+			s.RefreshTargets()
+		})
+	})
 }
 
 func (s *SettingsScreen) load(p Profile) {
@@ -113,9 +338,17 @@ func (s *SettingsScreen) roleChanged() {
 		s.locked.Hide()
 		s.form.Show()
 		s.Save.Enable()
+		if s.AddTarget != nil {
+			s.AddTarget.Enable()
+			s.SealWith.Enable()
+		}
 	} else {
 		s.form.Hide()
 		s.Save.Disable()
+		if s.AddTarget != nil {
+			s.AddTarget.Disable()
+			s.SealWith.Disable()
+		}
 		s.locked.Show()
 	}
 }

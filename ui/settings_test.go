@@ -164,3 +164,116 @@ func TestSettingsMethod(t *testing.T) {
 		t.Errorf("applied method %q, want x509", got.Method)
 	}
 }
+
+// fakeTargets keeps targets in memory as cmd/kiln keeps them in the store:
+// it refuses what the cmd would refuse (a connection string without a
+// key) and keeps only whether a connection string was given.
+type fakeTargets struct {
+	mu    sync.Mutex
+	ts    []ui.BatchTarget
+	conns map[string]string
+	seal  string
+}
+
+func (f *fakeTargets) Targets(context.Context) ([]ui.BatchTarget, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return slices.Clone(f.ts), nil
+}
+
+func (f *fakeTargets) AddTarget(_ context.Context, t ui.NewBatchTarget) error {
+	if !strings.Contains(t.ConnectionString, "SharedAccessKey=") {
+		return station.Errorf("add target", station.KindInvalid, "the connection string has no SharedAccessKey: copy it again from the portal")
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	host, _, _ := strings.Cut(strings.TrimPrefix(t.ConnectionString, "HostName="), ";")
+	ops := t.OpsPerMinute
+	if ops == 0 {
+		ops = station.DefaultOpsPerMinute
+	}
+	f.ts = append(f.ts, ui.BatchTarget{Name: t.Name, Host: host, OpsPerMinute: ops, PrivateCA: t.TrustPath != ""})
+	f.conns[t.Name] = t.ConnectionString
+	return nil
+}
+
+func (f *fakeTargets) SealTarget() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.seal
+}
+
+func (f *fakeTargets) SetSealTarget(_ context.Context, name string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if name != "" && f.conns[name] == "" {
+		return station.Errorf("choose target", station.KindNotFound, "no target %s", name)
+	}
+	f.seal = name
+	return nil
+}
+
+// TestSettingsTargets: a supervisor adds a batch target and chooses it for
+// sealing; the connection string leaves the form at once and is never
+// shown; a refused one says why; a technician cannot add one.
+func TestSettingsTargets(t *testing.T) {
+	ft := &fakeTargets{conns: map[string]string{}}
+	fs := &fakeSettings{p: ui.Profile{Method: station.MethodTPM, EKCertPolicy: station.EKCertOff, RegID: station.RegIDFromEK, Verify: "off"}}
+	sp := &scripted{steps: station.TPMSteps, base: base()}
+	u, _, l := newStation(t, sp, func(c *ui.Config) {
+		c.Settings = fs
+		c.Targets = ft
+		c.Role = ui.RoleTechnician
+	})
+	s := u.Settings
+	l.settle()
+	if !s.AddTarget.Disabled() || !s.SealWith.Disabled() {
+		t.Error("a technician may add or choose targets")
+	}
+	u.Role.SetSelected(string(ui.RoleSupervisor))
+	u.Tabs.SelectIndex(1)
+	l.settle()
+
+	const conn = "HostName=lab.example.net;SharedAccessKeyName=provisioningserviceowner;SharedAccessKey=c2VjcmV0LWtleS0xMjM0NTY="
+	s.TargetName.SetText("lab")
+	s.TargetConnection.SetText("HostName=lab.example.net;SharedAccessKeyName=x")
+	test.Tap(s.AddTarget)
+	l.until(t, 5*time.Second, "the refusal", func() bool { return strings.HasPrefix(s.TargetStatus(), "Not added") })
+	if st := s.TargetStatus(); !strings.Contains(st, "no SharedAccessKey") {
+		t.Errorf("status %q", st)
+	}
+	if s.TargetConnection.Text != "" {
+		t.Error("the connection string stays in the form after Add")
+	}
+
+	s.TargetName.SetText("lab")
+	s.TargetConnection.SetText(conn)
+	s.TargetTrust.SetText("/data/devserver/ca.pem")
+	s.TargetQuota.SetText("6000")
+	test.Tap(s.AddTarget)
+	l.until(t, 5*time.Second, "added", func() bool { return len(s.Targets()) == 1 })
+	if got, want := s.Targets()[0], (ui.BatchTarget{Name: "lab", Host: "lab.example.net", OpsPerMinute: 6000, PrivateCA: true}); got != want {
+		t.Errorf("listed %+v, want %+v", got, want)
+	}
+	if ft.conns["lab"] != conn {
+		t.Error("the connection string did not reach the targets hook")
+	}
+	if strings.Contains(s.TargetStatus(), "SharedAccessKey=") || s.TargetConnection.Text != "" {
+		t.Errorf("the connection string is shown: status %q, field %q", s.TargetStatus(), s.TargetConnection.Text)
+	}
+	if !slices.Contains(s.SealWith.Options, "lab") {
+		t.Errorf("Seal with offers %v", s.SealWith.Options)
+	}
+	s.SealWith.SetSelected("lab")
+	l.until(t, 5*time.Second, "chosen", func() bool { return ft.SealTarget() == "lab" })
+	l.until(t, 5*time.Second, "the note", func() bool { return strings.Contains(s.TargetStatus(), "go to lab") })
+
+	s.TargetQuota.SetText("fast")
+	s.TargetName.SetText("other")
+	s.TargetConnection.SetText(conn)
+	test.Tap(s.AddTarget)
+	l.settle()
+	if st := s.TargetStatus(); !strings.Contains(st, `quota "fast"`) || len(ft.ts) != 1 {
+		t.Errorf("a bad quota: status %q, %d targets", st, len(ft.ts))
+	}
+}

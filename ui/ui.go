@@ -130,6 +130,9 @@ type Config struct {
 	Settings Settings
 	// Batches, when set, adds the Batches screen.
 	Batches BatchActions
+	// Targets, when set with Settings, adds the batch targets to the
+	// Settings screen.
+	Targets Targets
 	// ExportDir is where the Batches screen suggests export files.
 	ExportDir string
 	// Auth, when set, guards the supervisor role with a password. Without
@@ -252,6 +255,8 @@ func New(cfg Config) (*UI, error) {
 			u.Devserver.Refresh()
 		case t.Text == "Batches" && u.Batches != nil:
 			u.Batches.Refresh()
+		case t.Text == "Settings" && u.Settings != nil:
+			u.Settings.RefreshTargets()
 		}
 	}
 	u.Role.OnChanged = func(string) { u.pickRole() }

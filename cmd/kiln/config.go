@@ -43,6 +43,9 @@ type config struct {
 	// symmetric-key and X.509 methods ("kiln-symkey", "kiln-x509" when empty).
 	SymKeyGroup string `json:"symkey_group,omitempty"`
 	X509Group   string `json:"x509_group,omitempty"`
+	// BatchTarget is the DPS target (kiln batch target list) that batches
+	// sealed in the GUI are bound to; "" when none is chosen.
+	BatchTarget string `json:"batch_target,omitempty"`
 }
 
 const configFile = "station.json"

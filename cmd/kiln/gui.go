@@ -18,6 +18,7 @@ import (
 
 	"github.com/kilnworks/kiln/hsm"
 	"github.com/kilnworks/kiln/station"
+	"github.com/kilnworks/kiln/station/sqlite"
 	"github.com/kilnworks/kiln/ui"
 )
 
@@ -112,11 +113,30 @@ func runGUI(ctx context.Context, e *env, args []string) error {
 	settings := newGUISettings(e, c, live, p.EndToEnd)
 	defer settings.Close()
 	log := e.logger().With("component", "gui")
+	store, ok := p.Batches.(*sqlite.Store)
+	if !ok {
+		return fmt.Errorf("the station's batch store is not the data directory's SQLite store: batches cannot be pushed from the GUI")
+	}
+	batches, targets, err := newGUIBatches(e, c, store, log)
+	if err != nil {
+		return err
+	}
+	// Batches of X.509 and symmetric-key units enroll through the groups
+	// the provisioner has open (Settings may open them later).
+	batches.groups = func() (*station.SymKeyGroup, []byte) {
+		cur := live.current()
+		var signing []byte
+		if s, ok := cur.Issuer.(interface{ SigningCertificate() []byte }); ok {
+			signing = s.SigningCertificate()
+		}
+		return cur.SymKey, signing
+	}
 	if sim != nil && len(variants) > 0 {
 		variants = append(variants, ui.Variant{Prefix: "SIM-", Model: "Simulated DUT"})
 	}
 	cfg := ui.Config{
-		Batches:       &guiBatches{store: p.Batches, log: log},
+		Batches:       batches,
+		Targets:       targets,
 		ExportDir:     filepath.Join(c.Home, "exports"),
 		Auth:          &guiAuth{path: authPath, log: log},
 		Variants:      variants,
@@ -175,9 +195,13 @@ func runGUI(ctx context.Context, e *env, args []string) error {
 			return err
 		}},
 		{Name: "Cloud target", Status: func(ctx context.Context) (string, error) {
-			return cloudStatus(ctx, settings.production(), dialer.DialContext)
+			tg, err := targets.current(ctx)
+			if err != nil {
+				return "", err
+			}
+			return cloudStatus(ctx, tg, settings.production(), dialer.DialContext)
 		}},
-		{Name: "Outbox", Status: func(ctx context.Context) (string, error) { return outboxStatus(ctx, p.Batches) }},
+		{Name: "Outbox", Status: func(ctx context.Context) (string, error) { return outboxStatus(ctx, store) }},
 	}
 	if dpsd != nil {
 		cfg.Devserver = &devserverView{d: dpsd, store: p.Store}

@@ -101,8 +101,9 @@ func TestReadNewPasswordPipe(t *testing.T) {
 	}
 }
 
-// TestOutboxAndCloudTiles: the Outbox tile counts the units of sealed and
-// pushing batches in a real store; the Cloud target tile dials the
+// TestOutboxAndCloudTiles: the Outbox tile counts the units of sealed
+// batches in a real store (the outbox items of pushes are counted by
+// TestGUIBatchesPushToDevserver); the Cloud target tile dials the
 // production endpoint (a real listener, then a closed port).
 func TestOutboxAndCloudTiles(t *testing.T) {
 	ctx := t.Context()
@@ -149,12 +150,26 @@ func TestOutboxAndCloudTiles(t *testing.T) {
 	addBatch("b", []string{"B1", "B2"}, station.BatchSealed)
 	addBatch("c", []string{"C1"}, station.BatchSealed, station.BatchPushing)
 	addBatch("d", []string{"D1", "D2", "D3", "D4"}) // open: still filling
-	if got, err := outboxStatus(ctx, s); err != nil || got != "3 units in 2 batches" {
-		t.Errorf("outbox %q, %v; want 3 units in 2 batches", got, err)
+	if got, err := outboxStatus(ctx, s); err != nil || got != "2 units sealed" {
+		t.Errorf("outbox %q, %v; want 2 units sealed", got, err)
 	}
 
 	// The Batches screen's Seal moves the open batch into the outbox.
-	g := &guiBatches{store: s, log: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	home := t.TempDir()
+	e := &env{stdout: io.Discard, stderr: io.Discard, getenv: func(k string) string {
+		if k == "KILN_HOME" {
+			return home
+		}
+		return ""
+	}}
+	c, err := loadConfig(e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g, _, err := newGUIBatches(e, c, s, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	if err != nil {
+		t.Fatal(err)
+	}
 	open, err := s.OpenBatch(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -162,18 +177,18 @@ func TestOutboxAndCloudTiles(t *testing.T) {
 	if err := g.Seal(ctx, open.ID); err != nil {
 		t.Fatal(err)
 	}
-	if got, _ := outboxStatus(ctx, s); got != "7 units in 3 batches" {
-		t.Errorf("after sealing: outbox %q, want 7 units in 3 batches", got)
+	if got, _ := outboxStatus(ctx, s); got != "6 units sealed" {
+		t.Errorf("after sealing: outbox %q, want 6 units sealed", got)
 	}
 	if err := g.Seal(ctx, open.ID); station.KindOf(err) != station.KindConflict {
 		t.Errorf("sealing a sealed batch: %v, want Conflict", err)
 	}
-	if err := g.Push(ctx, open.ID, nil); station.KindOf(err) != station.KindUnavailable {
-		t.Errorf("push without an engine: %v, want Unavailable", err)
+	if err := g.Push(ctx, open.ID, nil); station.KindOf(err) != station.KindInvalid || !strings.Contains(err.Error(), "no DPS target") {
+		t.Errorf("push without a target: %v, want Invalid naming the missing target", err)
 	}
 
 	var d net.Dialer
-	if got, err := cloudStatus(ctx, nil, d.DialContext); err != nil || got != "none configured" {
+	if got, err := cloudStatus(ctx, nil, nil, d.DialContext); err != nil || got != "none configured" {
 		t.Errorf("no production DPS: %q, %v", got, err)
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
@@ -191,11 +206,11 @@ func TestOutboxAndCloudTiles(t *testing.T) {
 		}
 	}()
 	prod := &station.DeviceConfig{IDScope: "0ne0001", GlobalEndpoint: addr}
-	if got, err := cloudStatus(ctx, prod, d.DialContext); err != nil || got != "reachable" {
+	if got, err := cloudStatus(ctx, nil, prod, d.DialContext); err != nil || got != "reachable" {
 		t.Errorf("a listening target: %q, %v", got, err)
 	}
 	ln.Close()
-	_, err = cloudStatus(ctx, prod, d.DialContext)
+	_, err = cloudStatus(ctx, nil, prod, d.DialContext)
 	if station.KindOf(err) != station.KindUnavailable || !strings.Contains(err.Error(), addr) {
 		t.Errorf("a closed target: %v, want Unavailable naming %s", err, addr)
 	}
@@ -205,7 +220,7 @@ func TestOutboxAndCloudTiles(t *testing.T) {
 		dialled = a
 		return nil, net.UnknownNetworkError("test")
 	}
-	cloudStatus(ctx, &station.DeviceConfig{GlobalEndpoint: "contoso.azure-devices-provisioning.net"}, fake)
+	cloudStatus(ctx, nil, &station.DeviceConfig{GlobalEndpoint: "contoso.azure-devices-provisioning.net"}, fake)
 	if dialled != "contoso.azure-devices-provisioning.net:443" {
 		t.Errorf("dialled %q, want port 443", dialled)
 	}
