@@ -15,7 +15,10 @@
 # and e2e/node/symkeygroup.test.js: a symmetric-key enrollment group made with
 # the service client, a device registering with a key derived from the group
 # key as the SDK's sample derives it, the hub reached with that key, and the
-# refusals. KILN_E2E_NODE_TESTS="symkeygroup ..." runs only the suites named.
+# refusals; and e2e/node/service.test.js: the service client's create, get,
+# paged query, If-Match update and delete (412 on a stale etag), bulk (and a
+# bulk of 11 refused) for enrollments and groups, and registration states.
+# KILN_E2E_NODE_TESTS="symkeygroup ..." runs only the suites named.
 # Prints "N passed, M failed" last; exits 1 on a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,7 +89,7 @@ KILN_MQTT=$(field mqtt)
 check "kiln serve prints the global endpoint as the SDK wants it (host only on 443)" test "$endpoint" = "127.0.0.1"
 check "kiln serve prints the service connection string as the SDK wants it (HostName without :443)" grep -q '^HostName=127.0.0.1;' <<< "$cs"
 
-for t in ${KILN_E2E_NODE_TESTS:-tpm symkey mqtt x509 symkeygroup}; do
+for t in ${KILN_E2E_NODE_TESTS:-tpm symkey mqtt x509 symkeygroup service}; do
   set +e
   node --no-deprecation "e2e/node/$t.test.js" | tee "$work/node-$t.txt"
   set -e
