@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"net/http"
@@ -356,5 +357,56 @@ func TestMetricsMethod(t *testing.T) {
 	e := start(t, devserver.Config{})
 	if r := e.do(t, http.MethodPost, "/metrics", "", nil); r.status != http.StatusMethodNotAllowed {
 		t.Errorf("POST /metrics: %d, want 405", r.status)
+	}
+}
+
+// TestMetricsBillableTable follows DPS's table of billable operations: a
+// register is billed, its polls and a registration status lookup are not
+// (and have no series), service API calls are, and the CA certificate API
+// is not.
+func TestMetricsBillableTable(t *testing.T) {
+	e := start(t, devserver.Config{})
+	scope := e.srv.IDScope()
+	const regID = "metrics-billable-1"
+	_, primary, _ := e.enrollSymmetricKey(t, regID)
+	tok := dps.NewDeviceSAS(scope, regID, primary, time.Now().Add(time.Hour))
+	m0 := e.scrape(t)
+	reg := e.registerSAS(t, regID, tok) // one register, one or more polls
+	if reg.final.Status != dps.StatusAssigned {
+		t.Fatalf("final %s, want assigned", reg.finalRaw)
+	}
+	for range 3 {
+		if r := e.do(t, http.MethodPost, "/"+scope+"/registrations/"+regID+"?api-version=2019-03-31", tok, dps.DeviceRegistration{RegistrationID: regID}); r.status != http.StatusOK {
+			t.Fatalf("registration status lookup: %d %s", r.status, r.body)
+		}
+	}
+	e.service(t, http.MethodGet, "/registrations/"+regID, nil)
+	ca := newTestCA(t, "Billable test CA")
+	caPEM := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.cert.Raw}))
+	if r := e.service(t, http.MethodPut, "/certificates/billable-ca", map[string]any{"properties": map[string]any{"certificate": caPEM}}); r.status != http.StatusOK {
+		t.Fatalf("upload CA: %d %s", r.status, r.body)
+	}
+	m1 := e.scrape(t)
+	checkDeltas(t, m0, m1, map[string]float64{
+		series(billable, "operation", "device.register"):                           1,
+		series(billable, "operation", "registrationState.get"):                     1,
+		series(svcTotal, "operation", "certificate.createOrUpdate", "code", "200"): 1,
+	})
+	var sum0, sum1 float64
+	for k, v := range m0 {
+		if strings.HasPrefix(k, billable+"{") {
+			sum0 += v
+		}
+	}
+	for k, v := range m1 {
+		if strings.HasPrefix(k, billable+"{") {
+			sum1 += v
+		}
+		if strings.HasPrefix(k, billable+"{") && (strings.Contains(k, "device.") && !strings.Contains(k, `"device.register"`) || strings.Contains(k, "certificate")) {
+			t.Errorf("%s is billed; DPS bills no lookup, poll or certificate operation", k)
+		}
+	}
+	if sum1-sum0 != 2 {
+		t.Errorf("%v billable operations, want 2 (the register and the registration state read)", sum1-sum0)
 	}
 }
