@@ -263,19 +263,24 @@ func (h *Hub) countTelemetry() {
 // operation and status code, and as billable when it succeeded). Device
 // API and /metrics requests are left alone. Use it as
 //
-//	defer s.countServiceRequest(&w, r.Method, segs)()
-func (s *Server) countServiceRequest(w *http.ResponseWriter, method string, segs []string) func() {
+//	defer s.countServiceRequest(&w, r.Method, segs, trackingID)()
+func (s *Server) countServiceRequest(w *http.ResponseWriter, method string, segs []string, trackingID string) func() {
 	op := serviceOperation(method, segs)
 	if op == "" {
 		return func() {}
 	}
 	sw := &statusWriter{ResponseWriter: *w}
 	*w = sw
+	start := s.now()
 	return func() {
 		code := sw.code
 		if code == 0 {
 			code = http.StatusOK
 		}
+		// One line per service operation, like DPS's ServiceOperations
+		// log; the trackingId is the one of the error body, if any.
+		s.log.Info("service operation", "trackingId", trackingID, "operation", op, "method", method,
+			"status", code, "durationMs", s.now().Sub(start).Milliseconds())
 		m := &s.metrics
 		m.mu.Lock()
 		defer m.mu.Unlock()

@@ -7,6 +7,7 @@ import (
 	"encoding/pem"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"regexp"
 	"slices"
@@ -408,5 +409,56 @@ func TestMetricsBillableTable(t *testing.T) {
 	}
 	if sum1-sum0 != 2 {
 		t.Errorf("%v billable operations, want 2 (the register and the registration state read)", sum1-sum0)
+	}
+}
+
+// TestServiceOperationLog: every service API request is logged once, as a
+// structured "service operation" line with its operation, status and
+// tracking ID (the one of its error body when it fails); no line holds a
+// key or a token.
+func TestServiceOperationLog(t *testing.T) {
+	logs := &syncBuffer{}
+	e := start(t, devserver.Config{Logger: slog.New(slog.NewJSONHandler(logs, nil))})
+	_, primary, _ := e.enrollSymmetricKey(t, "oplog-1")
+	e.service(t, http.MethodGet, "/enrollments/oplog-1", nil)
+	missing := e.service(t, http.MethodGet, "/enrollments/oplog-none", nil).errorBody(t, http.StatusNotFound)
+
+	type line struct {
+		Msg        string `json:"msg"`
+		TrackingID string `json:"trackingId"`
+		Operation  string `json:"operation"`
+		Status     int    `json:"status"`
+	}
+	var ops []line
+	for _, raw := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+		if strings.Contains(raw, dps.EncodeKey(primary)) || strings.Contains(raw, "SharedAccessSignature") {
+			t.Errorf("a log line holds a secret: %s", raw)
+		}
+		var l line
+		if err := json.Unmarshal([]byte(raw), &l); err != nil {
+			t.Fatalf("not a JSON log line: %s", raw)
+		}
+		if l.Msg == "service operation" {
+			ops = append(ops, l)
+		}
+	}
+	want := []line{
+		{"service operation", "", "enrollment.createOrUpdate", 200},
+		{"service operation", "", "enrollment.get", 200},
+		{"service operation", missing.TrackingID, "enrollment.get", 404},
+	}
+	if len(ops) != len(want) {
+		t.Fatalf("service operation lines %+v, want %d", ops, len(want))
+	}
+	seen := map[string]bool{}
+	for i, w := range want {
+		got := ops[i]
+		if got.Operation != w.Operation || got.Status != w.Status || len(got.TrackingID) != 36 || seen[got.TrackingID] {
+			t.Errorf("line %d: %+v, want %s %d with a tracking ID of its own", i, got, w.Operation, w.Status)
+		}
+		if w.TrackingID != "" && got.TrackingID != w.TrackingID {
+			t.Errorf("line %d: trackingId %s, the error body's is %s", i, got.TrackingID, w.TrackingID)
+		}
+		seen[got.TrackingID] = true
 	}
 }
