@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/netip"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -66,7 +67,9 @@ func TestEmbeddedSeveralHubs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	register := func(t *testing.T, regID string, edit func(*dps.IndividualEnrollment)) (*dps.DeviceRegistrationState, []byte) {
+	// enroll makes a symmetric-key enrollment for regID (edited by edit)
+	// and returns its key.
+	enroll := func(t *testing.T, regID string, edit func(*dps.IndividualEnrollment)) []byte {
 		t.Helper()
 		key := make([]byte, 32)
 		rand.Read(key)
@@ -78,6 +81,11 @@ func TestEmbeddedSeveralHubs(t *testing.T) {
 		if _, err := svc.PutEnrollment(t.Context(), e, ""); err != nil {
 			t.Fatal(err)
 		}
+		return key
+	}
+	register := func(t *testing.T, regID string, edit func(*dps.IndividualEnrollment)) (*dps.DeviceRegistrationState, []byte) {
+		t.Helper()
+		key := enroll(t, regID, edit)
 		st, err := dev.RegisterSymmetricKey(t.Context(), regID, key, nil)
 		if err != nil {
 			t.Fatalf("register %s: %v", regID, err)
@@ -93,20 +101,44 @@ func TestEmbeddedSeveralHubs(t *testing.T) {
 	}
 
 	t.Run("hashed spreads devices over the hubs that apply the policy, stably", func(t *testing.T) {
+		// Registered at once (each waits a poll interval), then a quarter again.
+		const n = 16
+		ids, keys := make([]string, n), make([][]byte, n)
+		for i := range n {
+			ids[i] = "hashed-" + string(rune('a'+i))
+			keys[i] = enroll(t, ids[i], nil)
+		}
+		first, again := make([]string, n), make([]string, n)
+		var wg sync.WaitGroup
+		errs := make(chan error, 2*n)
+		for i := range n {
+			wg.Go(func() {
+				st, err := dev.RegisterSymmetricKey(t.Context(), ids[i], keys[i], nil)
+				if err != nil {
+					errs <- err
+					return
+				}
+				first[i] = st.AssignedHub
+				if i%4 == 0 {
+					st, err := dev.RegisterSymmetricKey(t.Context(), ids[i], keys[i], nil)
+					if err != nil {
+						errs <- err
+						return
+					}
+					again[i] = st.AssignedHub
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Fatal(err)
+		}
 		count := map[string]int{}
-		for i := range 16 {
-			id := "hashed-" + string(rune('a'+i))
-			st, key := register(t, id, nil)
-			count[st.AssignedHub]++
-			if i%4 != 0 {
-				continue
-			}
-			again, err := dev.RegisterSymmetricKey(t.Context(), id, key, nil)
-			if err != nil {
-				t.Fatal(err)
-			}
-			if again.AssignedHub != st.AssignedHub {
-				t.Errorf("%s moved from %s to %s", id, st.AssignedHub, again.AssignedHub)
+		for i := range n {
+			count[first[i]]++
+			if i%4 == 0 && again[i] != first[i] {
+				t.Errorf("%s moved from %s to %s", ids[i], first[i], again[i])
 			}
 		}
 		if count[name(hubA)] == 0 || count[name(hubB)] == 0 || count[name(hubC)] != 0 || len(count) != 2 {
