@@ -92,3 +92,46 @@ func clientAddr(remote string) netip.Addr {
 	}
 	return a.Unmap()
 }
+
+// ParseLatencies reads a geoLatency map from text: one entry a line, as
+// "NETWORK HUB LATENCY" separated by spaces or tabs, e.g.
+//
+//	# network       hub              latency
+//	10.0.0.0/8      hub1.localhost   20ms
+//	127.0.0.1       hub2.localhost   1ms
+//
+// NETWORK is a CIDR prefix or a single address, HUB a linked hub's name and
+// LATENCY a Go duration; empty lines and text after # are ignored. The hubs
+// are checked when the map is used (Config.Latencies). Kinds: Invalid,
+// naming the line.
+func ParseLatencies(text []byte) (Latencies, error) {
+	const op = "read latency map"
+	var l Latencies
+	for i, line := range strings.Split(string(text), "\n") {
+		if c := strings.IndexByte(line, '#'); c >= 0 {
+			line = line[:c]
+		}
+		f := strings.Fields(line)
+		if len(f) == 0 {
+			continue
+		}
+		if len(f) != 3 {
+			return nil, station.Errorf(op, station.KindInvalid, "line %d has %d fields: write NETWORK HUB LATENCY, like 10.0.0.0/8 hub1.localhost 20ms", i+1, len(f))
+		}
+		p, err := netip.ParsePrefix(f[0])
+		if err != nil {
+			a, aerr := netip.ParseAddr(f[0])
+			if aerr != nil {
+				return nil, station.Errorf(op, station.KindInvalid, "line %d: network %q is not a CIDR prefix or an address: write it like 10.0.0.0/8", i+1, f[0])
+			}
+			a = a.Unmap()
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		d, err := time.ParseDuration(f[2])
+		if err != nil || d < 0 {
+			return nil, station.Errorf(op, station.KindInvalid, "line %d: latency %q is not a duration: write it like 20ms", i+1, f[2])
+		}
+		l = append(l, Latency{Network: p.Masked(), Hub: f[1], Latency: d})
+	}
+	return l, nil
+}

@@ -381,8 +381,7 @@ func (s *Server) lookup(w http.ResponseWriter, r *http.Request, trackingID, scop
 		s.writeError(w, r, trackingID, err)
 		return
 	}
-	s.countBillable(opDeviceLookup)
-	writeJSON(w, http.StatusOK, reg.state())
+	writeJSON(w, http.StatusOK, reg.state()) // not billable (billableOperations)
 }
 
 // checkRegistrationID checks a registration ID's shape: 1 to 128

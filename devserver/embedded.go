@@ -13,6 +13,7 @@ import (
 	"math/big"
 	"net"
 	"net/http"
+	"strings"
 	"time"
 
 	"github.com/kilnworks/kiln/dps"
@@ -46,6 +47,21 @@ type EmbeddedConfig struct {
 	// Quotas are the DPS's limits and throttles (Config.Quotas); the zero
 	// value throttles nothing, as the station's line needs.
 	Quotas Quotas
+	// Hubs are the linked hubs the one embedded hub endpoint serves, by
+	// host name: Name is a host name without a port (hub1.localhost), with
+	// the hub's Weight and ApplyAllocationPolicy. Devices connect to the
+	// hub they are assigned by its name, so each hub is named
+	// Name:port after the hub's listening port, or Name alone when that
+	// port is IoT Hub's 8883; the TLS identity made at start covers every
+	// Name, and a Certificate given must. Empty: one hub named by the hub's
+	// address (127.0.0.1:port).
+	Hubs []LinkedHub
+	// Latencies is the geoLatency allocation's map (Config.Latencies); its
+	// entries name the Hubs as given, without the port.
+	Latencies Latencies
+	// WebhookClient calls custom allocation webhooks
+	// (Config.WebhookClient); nil: the system's roots.
+	WebhookClient *http.Client
 }
 
 // Embedded is a running DPS and its hub.
@@ -53,20 +69,16 @@ type Embedded struct {
 	DPS      *Server
 	Hub      *Hub
 	TrustPEM []byte // the TLS root devices must trust (PEM)
+	// HubNames are the linked hubs' names as devices are assigned them
+	// (EmbeddedConfig.Hubs with the port), all served at Hub.Addr().
+	HubNames []string
 }
 
-// StartEmbedded starts a DPS and one linked hub that it allocates every
-// device to. Kinds: Invalid (configuration), Unavailable (cannot listen).
+// StartEmbedded starts a DPS and the linked hubs it allocates devices to,
+// all served by one embedded hub endpoint. Kinds: Invalid (configuration),
+// Unavailable (cannot listen).
 func StartEmbedded(ctx context.Context, cfg EmbeddedConfig) (*Embedded, error) {
 	const op = "start embedded DPS"
-	trust, cert := cfg.TrustPEM, cfg.Certificate
-	if cert == nil {
-		caPEM, c, err := NewTLSIdentity()
-		if err != nil {
-			return nil, station.E(op, station.KindInternal, err)
-		}
-		trust, cert = caPEM, &c
-	}
 	if cfg.Addr == "" {
 		cfg.Addr = "127.0.0.1:0"
 	}
@@ -77,23 +89,47 @@ func StartEmbedded(ctx context.Context, cfg EmbeddedConfig) (*Embedded, error) {
 	if err != nil {
 		return nil, station.E(op, station.KindInvalid, err)
 	}
+	hubs, lat, err := embeddedHubs(cfg.Hubs, cfg.Latencies, hubAddr)
+	if err != nil {
+		return nil, err
+	}
+	var hosts []string // the hubs' host names, without the port
+	for _, h := range cfg.Hubs {
+		hosts = append(hosts, h.Name)
+	}
+	trust, cert := cfg.TrustPEM, cfg.Certificate
+	if cert == nil {
+		caPEM, c, err := NewTLSIdentityFor(hosts...)
+		if err != nil {
+			return nil, station.E(op, station.KindInternal, err)
+		}
+		trust, cert = caPEM, &c
+	} else if err := covers(cert, hosts); err != nil {
+		return nil, err
+	}
+	names := make([]string, len(hubs))
+	for i, h := range hubs {
+		names[i] = h.Name
+	}
 	tlsConf := &tls.Config{Certificates: []tls.Certificate{*cert}, MinVersion: tls.VersionTLS12}
 	srv, err := New(Config{
-		IDScope:    cfg.IDScope,
-		Addr:       cfg.Addr,
-		MQTTAddr:   cfg.MQTTAddr,
-		TLS:        tlsConf,
-		DataDir:    cfg.DataDir,
-		Hubs:       []LinkedHub{{Name: hubAddr, Weight: 1, ApplyAllocationPolicy: true}},
-		Logger:     cfg.Logger,
-		RetryAfter: cfg.RetryAfter,
-		Issuer:     cfg.Issuer,
-		Quotas:     cfg.Quotas,
+		IDScope:       cfg.IDScope,
+		Addr:          cfg.Addr,
+		MQTTAddr:      cfg.MQTTAddr,
+		TLS:           tlsConf,
+		DataDir:       cfg.DataDir,
+		Hubs:          hubs,
+		Latencies:     lat,
+		WebhookClient: cfg.WebhookClient,
+		Logger:        cfg.Logger,
+		RetryAfter:    cfg.RetryAfter,
+		Issuer:        cfg.Issuer,
+		Quotas:        cfg.Quotas,
 	})
 	if err != nil {
 		return nil, err
 	}
-	hub, err := NewHub(HubConfig{Addr: hubAddr, TLS: tlsConf.Clone(), Hosts: []string{hubAddr}, Directory: srv, Logger: cfg.Logger})
+	hub, err := NewHub(HubConfig{Addr: hubAddr, TLS: tlsConf.Clone(), Hosts: names, Directory: srv, Logger: cfg.Logger})
 	if err != nil {
 		srv.Close()
 		return nil, err
@@ -106,7 +142,66 @@ func StartEmbedded(ctx context.Context, cfg EmbeddedConfig) (*Embedded, error) {
 		srv.Close()
 		return nil, err
 	}
-	return &Embedded{DPS: srv, Hub: hub, TrustPEM: trust}, nil
+	return &Embedded{DPS: srv, Hub: hub, TrustPEM: trust, HubNames: names}, nil
+}
+
+// embeddedHubs names the linked hubs of an Embedded after the hub's
+// address hubAddr (host:port): each given host name gets the port unless
+// it is 8883, and the latency map's entries follow. No hubs given: one hub
+// named hubAddr. Kinds: Invalid.
+func embeddedHubs(given []LinkedHub, lat Latencies, hubAddr string) ([]LinkedHub, Latencies, error) {
+	const op = "link embedded hubs"
+	if len(given) == 0 {
+		return []LinkedHub{{Name: hubAddr, Weight: 1, ApplyAllocationPolicy: true}}, lat, nil
+	}
+	_, port, err := net.SplitHostPort(hubAddr)
+	if err != nil {
+		return nil, nil, station.E(op, station.KindInvalid, err)
+	}
+	full := map[string]string{} // lower-case host name → the hub's name
+	hubs := make([]LinkedHub, len(given))
+	for i, h := range given {
+		if h.Name == "" || strings.ContainsAny(h.Name, ":/ ") {
+			return nil, nil, station.Errorf(op, station.KindInvalid,
+				"hub %q: give a host name without a port, like hub1.localhost: the hub's port is added", h.Name)
+		}
+		hubs[i] = h
+		if port != "8883" {
+			hubs[i].Name = net.JoinHostPort(h.Name, port)
+		}
+		full[strings.ToLower(h.Name)] = hubs[i].Name
+	}
+	out := make(Latencies, len(lat))
+	for i, e := range lat {
+		out[i] = e
+		if n, ok := full[strings.ToLower(e.Hub)]; ok {
+			out[i].Hub = n
+		}
+	}
+	return hubs, out, nil
+}
+
+// covers checks that cert's leaf is valid for every host name. Kinds:
+// Invalid.
+func covers(cert *tls.Certificate, hosts []string) error {
+	const op = "check TLS certificate"
+	if len(hosts) == 0 {
+		return nil
+	}
+	if len(cert.Certificate) == 0 {
+		return station.Errorf(op, station.KindInvalid, "the TLS certificate is empty: give a PEM certificate with its chain")
+	}
+	leaf, err := x509.ParseCertificate(cert.Certificate[0])
+	if err != nil {
+		return station.Errorf(op, station.KindInvalid, "parse the TLS certificate: %w", err)
+	}
+	for _, h := range hosts {
+		if err := leaf.VerifyHostname(h); err != nil {
+			return station.Errorf(op, station.KindInvalid,
+				"the TLS certificate does not cover hub %s (%v): devices check the hub's name, so add it to the certificate's subject alternative names", h, err)
+		}
+	}
+	return nil
 }
 
 // Close stops the hub and the DPS; it is idempotent.
@@ -142,6 +237,13 @@ func concreteAddr(addr string) (string, error) {
 // certificate (PEM) and the server's certificate chain with its key. The
 // CA key is dropped: nothing else is ever signed with it.
 func NewTLSIdentity() (caPEM []byte, cert tls.Certificate, err error) {
+	return NewTLSIdentityFor()
+}
+
+// NewTLSIdentityFor is NewTLSIdentity with a server certificate that also
+// covers names (host names or IP addresses), such as the host names of
+// the hubs an Embedded serves.
+func NewTLSIdentityFor(names ...string) (caPEM []byte, cert tls.Certificate, err error) {
 	now := time.Now()
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
@@ -178,6 +280,13 @@ func NewTLSIdentity() (caPEM []byte, cert tls.Certificate, err error) {
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		DNSNames:     []string{"localhost"},
 		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+	}
+	for _, n := range names {
+		if ip := net.ParseIP(n); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else if !strings.EqualFold(n, "localhost") {
+			tmpl.DNSNames = append(tmpl.DNSNames, n)
+		}
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, key.Public(), caKey)
 	if err != nil {

@@ -30,24 +30,23 @@ var (
 // kiln_dps_registration_duration_seconds.
 var registrationBuckets = []float64{0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}
 
-// Device API operations of the billable-operation counter.
-const (
-	opDeviceRegister = "device.register"
-	opDeviceLookup   = "device.registrationStatusLookup"
-)
+// opDeviceRegister is the device API's one billable operation.
+const opDeviceRegister = "device.register"
 
 // billableOperations is DPS's table of billable operations ("Billable
-// service operations and pricing" in the DPS overview on Microsoft Learn),
-// kept here and nowhere else. Every call of the service API is billed:
-// individual enrollments and enrollment groups (create or update, get,
-// delete, query, attestation mechanism, bulk) and registration states
-// (get, delete, query). Of the device API, register and the registration
-// status lookup are billed; operation status polls are free, and so is
-// the TPM challenge (it starts no registration). Kiln counts an operation
-// when it succeeds: a service answer of 2xx, a register answered 202, a
-// lookup answered 200.
+// service operations and pricing" in "What is Azure IoT Hub Device
+// Provisioning Service?" on Microsoft Learn), kept here and nowhere else.
+// Of the device API (runtime registration) only Register Device is
+// billable: the Device Registration Status Lookup and the Operation Status
+// Lookup (the polls) are not. Every operation of the service APIs for
+// device registration states, enrollment groups and individual enrollments
+// is billable (create or update, get, delete, query, attestation
+// mechanism, bulk). The DPS Certificate API (certificates.go) and the
+// resource API are not. Kiln counts an operation when it succeeds: a
+// service answer of 2xx, a register answered 202 (not the TPM challenge,
+// which starts no registration; whether DPS bills that 401 is not
+// documented).
 var billableOperations = []string{
-	opDeviceLookup,
 	opDeviceRegister,
 	"enrollment.attestationMechanism",
 	"enrollment.bulk",
@@ -233,13 +232,6 @@ func (s *Server) countThrottled() {
 	s.metrics.mu.Unlock()
 }
 
-// countBillable counts one billable operation (see billableOperations).
-func (s *Server) countBillable(operation string) {
-	s.metrics.mu.Lock()
-	s.metrics.addBillable(operation)
-	s.metrics.mu.Unlock()
-}
-
 func (m *metrics) addBillable(operation string) {
 	if !slices.Contains(billableOperations, operation) {
 		return
@@ -271,19 +263,24 @@ func (h *Hub) countTelemetry() {
 // operation and status code, and as billable when it succeeded). Device
 // API and /metrics requests are left alone. Use it as
 //
-//	defer s.countServiceRequest(&w, r.Method, segs)()
-func (s *Server) countServiceRequest(w *http.ResponseWriter, method string, segs []string) func() {
+//	defer s.countServiceRequest(&w, r.Method, segs, trackingID)()
+func (s *Server) countServiceRequest(w *http.ResponseWriter, method string, segs []string, trackingID string) func() {
 	op := serviceOperation(method, segs)
 	if op == "" {
 		return func() {}
 	}
 	sw := &statusWriter{ResponseWriter: *w}
 	*w = sw
+	start := s.now()
 	return func() {
 		code := sw.code
 		if code == 0 {
 			code = http.StatusOK
 		}
+		// One line per service operation, like DPS's ServiceOperations
+		// log; the trackingId is the one of the error body, if any.
+		s.log.Info("service operation", "trackingId", trackingID, "operation", op, "method", method,
+			"status", code, "durationMs", s.now().Sub(start).Milliseconds())
 		m := &s.metrics
 		m.mu.Lock()
 		defer m.mu.Unlock()

@@ -4,8 +4,10 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"regexp"
 	"slices"
@@ -356,5 +358,107 @@ func TestMetricsMethod(t *testing.T) {
 	e := start(t, devserver.Config{})
 	if r := e.do(t, http.MethodPost, "/metrics", "", nil); r.status != http.StatusMethodNotAllowed {
 		t.Errorf("POST /metrics: %d, want 405", r.status)
+	}
+}
+
+// TestMetricsBillableTable follows DPS's table of billable operations: a
+// register is billed, its polls and a registration status lookup are not
+// (and have no series), service API calls are, and the CA certificate API
+// is not.
+func TestMetricsBillableTable(t *testing.T) {
+	e := start(t, devserver.Config{})
+	scope := e.srv.IDScope()
+	const regID = "metrics-billable-1"
+	_, primary, _ := e.enrollSymmetricKey(t, regID)
+	tok := dps.NewDeviceSAS(scope, regID, primary, time.Now().Add(time.Hour))
+	m0 := e.scrape(t)
+	reg := e.registerSAS(t, regID, tok) // one register, one or more polls
+	if reg.final.Status != dps.StatusAssigned {
+		t.Fatalf("final %s, want assigned", reg.finalRaw)
+	}
+	for range 3 {
+		if r := e.do(t, http.MethodPost, "/"+scope+"/registrations/"+regID+"?api-version=2019-03-31", tok, dps.DeviceRegistration{RegistrationID: regID}); r.status != http.StatusOK {
+			t.Fatalf("registration status lookup: %d %s", r.status, r.body)
+		}
+	}
+	e.service(t, http.MethodGet, "/registrations/"+regID, nil)
+	ca := newTestCA(t, "Billable test CA")
+	caPEM := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.cert.Raw}))
+	if r := e.service(t, http.MethodPut, "/certificates/billable-ca", map[string]any{"properties": map[string]any{"certificate": caPEM}}); r.status != http.StatusOK {
+		t.Fatalf("upload CA: %d %s", r.status, r.body)
+	}
+	m1 := e.scrape(t)
+	checkDeltas(t, m0, m1, map[string]float64{
+		series(billable, "operation", "device.register"):                           1,
+		series(billable, "operation", "registrationState.get"):                     1,
+		series(svcTotal, "operation", "certificate.createOrUpdate", "code", "200"): 1,
+	})
+	var sum0, sum1 float64
+	for k, v := range m0 {
+		if strings.HasPrefix(k, billable+"{") {
+			sum0 += v
+		}
+	}
+	for k, v := range m1 {
+		if strings.HasPrefix(k, billable+"{") {
+			sum1 += v
+		}
+		if strings.HasPrefix(k, billable+"{") && (strings.Contains(k, "device.") && !strings.Contains(k, `"device.register"`) || strings.Contains(k, "certificate")) {
+			t.Errorf("%s is billed; DPS bills no lookup, poll or certificate operation", k)
+		}
+	}
+	if sum1-sum0 != 2 {
+		t.Errorf("%v billable operations, want 2 (the register and the registration state read)", sum1-sum0)
+	}
+}
+
+// TestServiceOperationLog: every service API request is logged once, as a
+// structured "service operation" line with its operation, status and
+// tracking ID (the one of its error body when it fails); no line holds a
+// key or a token.
+func TestServiceOperationLog(t *testing.T) {
+	logs := &syncBuffer{}
+	e := start(t, devserver.Config{Logger: slog.New(slog.NewJSONHandler(logs, nil))})
+	_, primary, _ := e.enrollSymmetricKey(t, "oplog-1")
+	e.service(t, http.MethodGet, "/enrollments/oplog-1", nil)
+	missing := e.service(t, http.MethodGet, "/enrollments/oplog-none", nil).errorBody(t, http.StatusNotFound)
+
+	type line struct {
+		Msg        string `json:"msg"`
+		TrackingID string `json:"trackingId"`
+		Operation  string `json:"operation"`
+		Status     int    `json:"status"`
+	}
+	var ops []line
+	for _, raw := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+		if strings.Contains(raw, dps.EncodeKey(primary)) || strings.Contains(raw, "SharedAccessSignature") {
+			t.Errorf("a log line holds a secret: %s", raw)
+		}
+		var l line
+		if err := json.Unmarshal([]byte(raw), &l); err != nil {
+			t.Fatalf("not a JSON log line: %s", raw)
+		}
+		if l.Msg == "service operation" {
+			ops = append(ops, l)
+		}
+	}
+	want := []line{
+		{"service operation", "", "enrollment.createOrUpdate", 200},
+		{"service operation", "", "enrollment.get", 200},
+		{"service operation", missing.TrackingID, "enrollment.get", 404},
+	}
+	if len(ops) != len(want) {
+		t.Fatalf("service operation lines %+v, want %d", ops, len(want))
+	}
+	seen := map[string]bool{}
+	for i, w := range want {
+		got := ops[i]
+		if got.Operation != w.Operation || got.Status != w.Status || len(got.TrackingID) != 36 || seen[got.TrackingID] {
+			t.Errorf("line %d: %+v, want %s %d with a tracking ID of its own", i, got, w.Operation, w.Status)
+		}
+		if w.TrackingID != "" && got.TrackingID != w.TrackingID {
+			t.Errorf("line %d: trackingId %s, the error body's is %s", i, got.TrackingID, w.TrackingID)
+		}
+		seen[got.TrackingID] = true
 	}
 }

@@ -469,7 +469,7 @@ func (s *Server) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	r.Body = http.MaxBytesReader(w, r.Body, int64(s.cfg.Quotas.messageBytes()))
-	defer s.countServiceRequest(&w, r.Method, segs)()
+	defer s.countServiceRequest(&w, r.Method, segs, trackingID)()
 	if err := s.throttleService(r.Method, segs); err != nil {
 		s.writeError(w, r, trackingID, err)
 		return

@@ -29,6 +29,8 @@ func TestServiceAuth(t *testing.T) {
 		{"unknown policy", dps.NewServiceSAS(cs.HostName, "nobody", cs.Key, time.Now().Add(time.Hour))},
 		{"expired", dps.NewServiceSAS(cs.HostName, cs.SharedAccessKeyName, cs.Key, time.Now().Add(-time.Minute))},
 		{"other host", dps.NewServiceSAS("other.example", cs.SharedAccessKeyName, cs.Key, time.Now().Add(time.Hour))},
+		{"scoped to another resource", dps.NewSAS(strings.ToLower(cs.HostName)+"/enrollmentGroups", cs.Key, time.Now().Add(time.Hour), cs.SharedAccessKeyName)},
+		{"scoped to a longer name", dps.NewSAS(strings.ToLower(cs.HostName)+"/enrollmentsX", cs.Key, time.Now().Add(time.Hour), cs.SharedAccessKeyName)},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			got := e.do(t, http.MethodGet, path, tc.auth, nil).errorBody(t, http.StatusUnauthorized)

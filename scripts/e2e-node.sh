@@ -15,7 +15,15 @@
 # and e2e/node/symkeygroup.test.js: a symmetric-key enrollment group made with
 # the service client, a device registering with a key derived from the group
 # key as the SDK's sample derives it, the hub reached with that key, and the
-# refusals. KILN_E2E_NODE_TESTS="symkeygroup ..." runs only the suites named.
+# refusals; and e2e/node/service.test.js: the service client's create, get,
+# paged query, If-Match update and delete (412 on a stale etag), bulk (and a
+# bulk of 11 refused) for enrollments and groups, and registration states.
+# kiln serve links two hubs by host name (--hubs hub1.localhost,hub2.localhost=2)
+# with a latency map and a trusted webhook
+# certificate, which e2e/node/hubs.test.js checks (hashed, geoLatency, static
+# and custom allocation; devices reach their hub by its name); the suites'
+# harness resolves *.localhost to 127.0.0.1.
+# KILN_E2E_NODE_TESTS="symkeygroup ..." runs only the suites named.
 # Prints "N passed, M failed" last; exits 1 on a failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,9 +67,16 @@ swtpm socket --tpm2 --server type=tcp,port=2323,bindaddr=127.0.0.1 --ctrl type=t
   --flags not-need-init,startup-clear --tpmstate dir="$work/swtpm" > "$work/swtpm.log" 2>&1 &
 pids+=($!)
 
-# The DPS emulator, with a throwaway home; -v logs the hub's telemetry.
+# The DPS emulator, with a throwaway home; -v logs the hub's telemetry. Two
+# hubs by name, the second nearer by the latency map; the custom allocation
+# webhook of hubs.test.js serves a certificate kiln serve is told to trust.
 export KILN_HOME=$work/home
-"$kiln" -v serve --addr 127.0.0.1:443 --json > "$work/serve.json" 2> "$work/serve.log" &
+printf '# network hub latency\n127.0.0.0/8 hub1.localhost 50ms\n127.0.0.0/8 hub2.localhost 1ms\n' > "$work/latency.txt"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=127.0.0.1 \
+  -addext subjectAltName=IP:127.0.0.1 -keyout "$work/webhook.key" -out "$work/webhook.pem" 2>/dev/null || die "openssl could not make the webhook certificate"
+export KILN_WEBHOOK_CERT=$work/webhook.pem KILN_WEBHOOK_KEY=$work/webhook.key
+"$kiln" -v serve --addr 127.0.0.1:443 --json --hubs hub1.localhost,hub2.localhost=2 \
+  --latency-map "$work/latency.txt" --webhook-trust "$work/webhook.pem" > "$work/serve.json" 2> "$work/serve.log" &
 pids+=($!)
 for _ in $(seq 300); do
   grep -q '}' "$work/serve.json" 2>/dev/null && (exec 3<>/dev/tcp/127.0.0.1/2323) 2>/dev/null && break
@@ -83,10 +98,13 @@ KILN_ID_SCOPE=$(field id_scope)
 export KILN_SERVE_LOG=$work/serve.log
 export KILN_MQTT
 KILN_MQTT=$(field mqtt)
+export KILN_HUBS
+KILN_HUBS=$(node -e 'console.log(JSON.parse(require("fs").readFileSync(process.argv[1], "utf8")).hubs.join(","))' "$work/serve.json")
 check "kiln serve prints the global endpoint as the SDK wants it (host only on 443)" test "$endpoint" = "127.0.0.1"
 check "kiln serve prints the service connection string as the SDK wants it (HostName without :443)" grep -q '^HostName=127.0.0.1;' <<< "$cs"
+check "kiln serve prints the linked hubs by name with the hub's port" grep -Eq '^hub1\.localhost:[0-9]+,hub2\.localhost:[0-9]+$' <<< "$KILN_HUBS"
 
-for t in ${KILN_E2E_NODE_TESTS:-tpm symkey mqtt x509 symkeygroup}; do
+for t in ${KILN_E2E_NODE_TESTS:-tpm symkey mqtt x509 symkeygroup service hubs}; do
   set +e
   node --no-deprecation "e2e/node/$t.test.js" | tee "$work/node-$t.txt"
   set -e

@@ -5,6 +5,7 @@ import (
 	"crypto/tls"
 	"encoding/pem"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"time"
@@ -29,6 +30,12 @@ type dpsOptions struct {
 	// quotas are the DPS's limits and throttles; the zero value (the
 	// station's) throttles nothing.
 	quotas devserver.Quotas
+	// hubs are the linked hubs the embedded hub serves by host name, with
+	// the geoLatency map naming them and the client of custom allocation
+	// webhooks; none: one hub named by hubAddr.
+	hubs      []devserver.LinkedHub
+	latencies devserver.Latencies
+	webhook   *http.Client
 }
 
 // embeddedDPS is the devserver and its embedded hub, running.
@@ -40,15 +47,16 @@ type embeddedDPS struct {
 	caPEM  []byte
 }
 
-// startEmbeddedDPS starts the devserver with its data in dir and one linked
-// hub served by the embedded hub. Unless a certificate is given, its TLS
+// startEmbeddedDPS starts the devserver with its data in dir and its linked
+// hubs (one unless o.hubs lists several) served by the embedded hub. Unless a certificate is given, its TLS
 // identity is made anew at each start, so no TLS private key is written to
 // disk; the root devices must trust is written to dir/ca.pem.
 func startEmbeddedDPS(ctx context.Context, dir string, o dpsOptions, log *slog.Logger) (*embeddedDPS, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
-	cfg := devserver.EmbeddedConfig{DataDir: dir, Addr: o.addr, HubAddr: o.hubAddr, MQTTAddr: o.mqttAddr, IDScope: o.idScope, RetryAfter: o.retryAfter, Logger: log, Issuer: o.issuer, Quotas: o.quotas}
+	cfg := devserver.EmbeddedConfig{DataDir: dir, Addr: o.addr, HubAddr: o.hubAddr, MQTTAddr: o.mqttAddr, IDScope: o.idScope, RetryAfter: o.retryAfter, Logger: log, Issuer: o.issuer, Quotas: o.quotas,
+		Hubs: o.hubs, Latencies: o.latencies, WebhookClient: o.webhook}
 	if o.tlsCert != "" || o.tlsKey != "" {
 		cert, err := tls.LoadX509KeyPair(o.tlsCert, o.tlsKey)
 		if err != nil {

@@ -2,9 +2,15 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"flag"
 	"fmt"
+	"net/http"
+	"os"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"time"
 
 	"github.com/kilnworks/kiln/devserver"
@@ -30,11 +36,38 @@ func runServe(ctx context.Context, e *env, args []string) error {
 	asJSON := fs.Bool("json", false, "print the endpoints as one JSON object")
 	issue := fs.Bool("issue-certs", false, "answer the CSRs devices send with their registration (clientCertificateCsr) with certificates from the station CA (kiln ca)")
 	quotas := quotaFlags(fs)
+	hubs := fs.String("hubs", "", "linked hubs served by the embedded hub, by host name: NAME[=WEIGHT],... (e.g. hub1.localhost=2,hub2.localhost); each is named NAME:PORT after --hub-addr's port (NAME alone on 8883) and devices must resolve NAME to the hub; empty: one hub named by --hub-addr")
+	latencyMap := fs.String("latency-map", "", "geoLatency allocation map: a file of NETWORK HUB LATENCY lines (e.g. 10.0.0.0/8 hub1.localhost 20ms), HUB as in --hubs")
+	webhookTrust := fs.String("webhook-trust", "", "PEM roots trusted for custom allocation webhooks (HTTPS), instead of the system's")
 	if err := parse(fs, args, false); err != nil {
 		return err
 	}
 	if o.quotas, err = quotas(); err != nil {
 		return err
+	}
+	if o.hubs, err = parseHubs(*hubs); err != nil {
+		return err
+	}
+	if *latencyMap != "" {
+		b, err := os.ReadFile(*latencyMap)
+		if err != nil {
+			return usagef("--latency-map: %v: give a file of NETWORK HUB LATENCY lines", err)
+		}
+		if o.latencies, err = devserver.ParseLatencies(b); err != nil {
+			return usagef("--latency-map %s: %v", *latencyMap, err)
+		}
+	}
+	if *webhookTrust != "" {
+		b, err := os.ReadFile(*webhookTrust)
+		if err != nil {
+			return usagef("--webhook-trust: %v: give a PEM file of CA certificates", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(b) {
+			return usagef("--webhook-trust %s holds no PEM certificate", *webhookTrust)
+		}
+		o.webhook = &http.Client{Timeout: devserver.DefaultWebhookTimeout,
+			Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}}}
 	}
 	if *issue {
 		iss, closeCA, err := openIssuer(ctx, e, c)
@@ -57,6 +90,7 @@ func runServe(ctx context.Context, e *env, args []string) error {
 		IDScope:           d.dps.IDScope(),
 		ServiceConnection: d.dps.ServiceConnectionString(),
 		Hub:               d.hub.Addr(),
+		Hubs:              d.HubNames,
 		MQTT:              d.dps.MQTTAddr(),
 		TrustBundle:       d.caPath,
 	}
@@ -73,7 +107,11 @@ func runServe(ctx context.Context, e *env, args []string) error {
 		if info.MQTT != "" {
 			fmt.Fprintf(w, "  DPS over MQTT      %s (MQTT over TLS; WebSockets: wss://%s/$iothub/websocket)\n", info.MQTT, d.dps.Addr())
 		}
-		fmt.Fprintf(w, "  IoT hub            %s (MQTT over TLS)\n", info.Hub)
+		if len(o.hubs) == 0 {
+			fmt.Fprintf(w, "  IoT hub            %s (MQTT over TLS)\n", info.Hub)
+		} else {
+			fmt.Fprintf(w, "  IoT hubs           %s (MQTT over TLS, all at %s: devices must resolve the names to it)\n", strings.Join(info.Hubs, ", "), info.Hub)
+		}
 		fmt.Fprintf(w, "  trust bundle       %s (for Node: NODE_EXTRA_CA_CERTS=%s)\n", info.TrustBundle, info.TrustBundle)
 		fmt.Fprintf(w, "  throttling         %s\n", throttleText(o.quotas))
 		fmt.Fprintln(w, "Press Ctrl-C to stop.")
@@ -157,11 +195,34 @@ func throttleText(q devserver.Quotas) string {
 		per(q.PollsPerDevice, "polls per device") + " per " + q.PollWindow.String() + " (429 with retry-after beyond; --throttle=false for line speed)"
 }
 
+// parseHubs reads --hubs: NAME[=WEIGHT] separated by commas; every hub
+// applies the allocation policy.
+func parseHubs(v string) ([]devserver.LinkedHub, error) {
+	var hubs []devserver.LinkedHub
+	for _, f := range strings.Split(v, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		h := devserver.LinkedHub{Name: f, Weight: 1, ApplyAllocationPolicy: true}
+		if name, w, ok := strings.Cut(f, "="); ok {
+			n, err := strconv.Atoi(w)
+			if err != nil || n < 1 || n > 1000 {
+				return nil, usagef("--hubs %s: the weight %q is not 1 to 1000: write NAME=WEIGHT, like hub1.localhost=2", f, w)
+			}
+			h.Name, h.Weight = name, n
+		}
+		hubs = append(hubs, h)
+	}
+	return hubs, nil
+}
+
 type serveInfo struct {
-	GlobalEndpoint    string `json:"global_endpoint"`
-	IDScope           string `json:"id_scope"`
-	ServiceConnection string `json:"service_connection_string"`
-	Hub               string `json:"hub"`
-	MQTT              string `json:"mqtt,omitempty"` // the DPS device API over MQTT with TLS (host:port)
-	TrustBundle       string `json:"trust_bundle"`
+	GlobalEndpoint    string   `json:"global_endpoint"`
+	IDScope           string   `json:"id_scope"`
+	ServiceConnection string   `json:"service_connection_string"`
+	Hub               string   `json:"hub"`            // the embedded hub's address
+	Hubs              []string `json:"hubs,omitempty"` // the linked hubs' names (--hubs), all served at Hub
+	MQTT              string   `json:"mqtt,omitempty"` // the DPS device API over MQTT with TLS (host:port)
+	TrustBundle       string   `json:"trust_bundle"`
 }

@@ -24,6 +24,8 @@ const { ProvisioningDeviceClient } = require('azure-iot-provisioning-device');
 const { Http } = require('azure-iot-provisioning-device-http');
 const { ProvisioningServiceClient } = require('azure-iot-provisioning-service');
 const { Client, Message } = require('azure-iot-device');
+const { RestApiClient } = require('azure-iot-http-base');
+const { ConnectionString, SharedAccessSignature } = require('azure-iot-common');
 const { Mqtt } = require('azure-iot-device-mqtt');
 
 const globalEndpoint = env('KILN_GLOBAL_ENDPOINT');
@@ -50,6 +52,20 @@ function makeCert(name, cn, issuer, ca) {
   ssl('x509', '-req', '-in', `${name}.csr`, ...signer, '-set_serial', String(serial++), '-days', '2',
     '-extfile', `${name}.ext`, '-out', `${name}.pem`);
   return { cert: read(`${name}.pem`), key: read(`${name}.key`) };
+}
+
+// certAPI calls the devserver's CA certificate API (DPS's management-plane
+// certificates resource on the service endpoint, docs/dps-compat.md) with the
+// SDK's own RestApiClient and the service connection string: the Node SDK
+// has no client for CA certificates.
+function certAPI(method, name, action, body) {
+  const cn = ConnectionString.parse(serviceCS);
+  const rest = new RestApiClient({
+    host: cn.HostName,
+    sharedAccessSignature: SharedAccessSignature.create(cn.HostName, cn.SharedAccessKeyName, cn.SharedAccessKey, Date.now()),
+  }, 'kiln-e2e-node');
+  return cb((done) => rest.executeApiCall(method, `/certificates/${encodeURIComponent(name)}${action ? `/${action}` : ''}?api-version=2021-10-01`,
+    { 'Accept': 'application/json', 'Content-Type': 'application/json; charset=utf-8' }, body, done));
 }
 
 // device returns the X509 object the SDK takes: the leaf then the chain.
@@ -196,9 +212,60 @@ async function main() {
     throw new Error(`registered: ${JSON.stringify(result)}`);
   });
 
+  // A group by caReferences: the CA is uploaded, proven by possession (a
+  // certificate whose CN is the verification code, signed by the CA's key),
+  // and only then does a device chain to it register.
+  const caName = 'kiln-node-e2e-ca';
+  const caGroupId = 'kiln-node-x509-ca-group';
+  const caRoot = makeCert('caroot', 'Kiln Node e2e verified CA', null, true);
+  const caInter = makeCert('cainter', 'Kiln Node e2e verified CA intermediate', 'caroot', true);
+  const caDevice = 'kiln-node-x509-ca-1';
+  const caLeaf = makeCert('caleaf', caDevice, 'cainter', false);
+  const caGroup = await runCase('service: createOrUpdateEnrollmentGroup with caReferences, the CA uploaded but not verified', async () => {
+    const up = await certAPI('PUT', caName, '', { properties: { certificate: caRoot.cert } });
+    assert(up.properties && up.properties.isVerified === false, `upload ${JSON.stringify(up)}`);
+    const { responseBody: g } = await service.createOrUpdateEnrollmentGroup({
+      enrollmentGroupId: caGroupId,
+      attestation: { type: 'x509', x509: { caReferences: { primary: caName } } },
+      provisioningStatus: 'enabled',
+    });
+    assert(g.attestation.x509.caReferences && g.attestation.x509.caReferences.primary === caName, `group ${JSON.stringify(g.attestation)}`);
+    return `thumbprint ${up.properties.thumbprint}`;
+  });
+  if (caGroup) {
+    await runCase('dps: a chain to the referenced CA before its proof of possession → 401', () => expectRefused(caDevice, device(caLeaf, caInter)));
+    const verified = await runCase('service: generateVerificationCode, then verify with a certificate of CN = code signed by the CA → isVerified', async () => {
+      const code = await certAPI('POST', caName, 'generateVerificationCode', {});
+      const vc = code.properties && code.properties.verificationCode;
+      assert(vc, `no code: ${JSON.stringify(code)}`);
+      const wrong = makeCert('popwrong', 'not-the-code', 'caroot', false);
+      try {
+        await certAPI('POST', caName, 'verify', { certificate: wrong.cert });
+        throw new Error('a certificate with the wrong CN verified the CA');
+      } catch (err) {
+        assert(err.response && err.response.statusCode === 400, `wrong CN: ${errText(err)}`);
+      }
+      const pop = makeCert('pop', vc, 'caroot', false);
+      const v = await certAPI('POST', caName, 'verify', { certificate: pop.cert });
+      assert(v.properties && v.properties.isVerified === true, `verify ${JSON.stringify(v)}`);
+      return `code ${vc.slice(0, 8)}…, the wrong CN refused with 400`;
+    });
+    if (verified) {
+      await runCase('dps: register with X509Security (leaf + intermediate) → assigned through the verified CA', async () => {
+        const r = await register(caDevice, device(caLeaf, caInter));
+        const rs = r.registrationState || r;
+        assert((r.status || rs.status) === 'assigned' && rs.deviceId === caDevice, `result ${JSON.stringify(r)}`);
+        assert(rs.x509 && rs.x509.enrollmentGroupId === caGroupId, `x509 ${JSON.stringify(rs.x509)}`);
+        return `hub ${rs.assignedHub}`;
+      });
+      await runCase('dps: a leaf without its intermediate → 401 (the chain must reach the CA)', () => expectRefused('kiln-node-x509-ca-2', device(makeCert('caleaf2', 'kiln-node-x509-ca-2', 'cainter', false))));
+    }
+  }
+
   await runCase('service: deleteEnrollmentGroup and deleteIndividualEnrollment', async () => {
-    for (const id of [groupId, 'kiln-node-x509-disabled']) await service.deleteEnrollmentGroup(id);
+    for (const id of [groupId, 'kiln-node-x509-disabled', caGroupId]) await service.deleteEnrollmentGroup(id);
     await service.deleteIndividualEnrollment(indId);
+    await certAPI('DELETE', caName, '', null);
   });
 
   finish();
