@@ -136,6 +136,11 @@ func TestImportVendorManifest(t *testing.T) {
 	if err != nil || len(units) != 12 || units[0].Method != station.MethodX509 {
 		t.Fatalf("batch holds %d units (%v); want 12 X.509 units", len(units), err)
 	}
+	for _, u := range units {
+		if _, tp := station.Thumbprints(u.Certificate); len(u.Certificate) == 0 || u.CertThumbprint != tp {
+			t.Errorf("part %s recorded without its device certificate (thumbprint %q)", u.Serial, u.CertThumbprint)
+		}
+	}
 
 	// Push the imported batch: one X.509 group under the device CA.
 	d := startQuotaTarget(t, 6000)

@@ -370,10 +370,10 @@ type groupFlags struct {
 }
 
 func (g *groupFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&g.id, "group-id", "", "the enrollment group of the batch's X.509 or symmetric-key units")
+	fs.StringVar(&g.id, "group-id", "", "an enrollment group of the batch's X.509 or symmetric-key units (default: the group each unit's record names, else the station's x509_group or symkey_group)")
 	fs.StringVar(&g.cert, "group-cert", "", "X.509 group: the signing (CA) certificate, PEM")
 	fs.StringVar(&g.keyFile, "group-key-file", "", "symmetric-key group: a file holding the group's primary key (base64)")
-	fs.BoolVar(&g.perUnit, "per-unit", false, "also enroll group units individually")
+	fs.BoolVar(&g.perUnit, "per-unit", false, "also enroll group units individually (X.509: the unit's recorded leaf; symmetric key: the key derived from its group's)")
 }
 
 func (g *groupFlags) group() (*cloudsync.Group, error) {
