@@ -2,15 +2,21 @@ package main
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/csv"
 	"encoding/json"
 	"fmt"
+	"math/big"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/kilnworks/kiln/cloudsync"
 	"github.com/kilnworks/kiln/devserver"
@@ -214,4 +220,62 @@ func TestBatchPushX509AndSymKeyCLI(t *testing.T) {
 			t.Errorf("bulk identity of the X.509 unit: %+v", u)
 		}
 	}
+}
+
+// With a remote step-ca as the station CA, the station's X.509 group is
+// signed by the step-ca's root (the only certificate of it the station
+// holds), under the configured group ID; a unit naming another group gets
+// none from the station; an export is refused the symmetric-key group's
+// key unless it is given.
+func TestStationGroupsRemoteCA(t *testing.T) {
+	home, dir := t.TempDir(), t.TempDir()
+	root := newTestCA(t)
+	rootPath, pwPath := filepath.Join(dir, "root.pem"), filepath.Join(dir, "pw")
+	os.WriteFile(rootPath, []byte(cloudsync.CertificatePEM(root.Raw)), 0o644)
+	os.WriteFile(pwPath, []byte("pw"), 0o600)
+	cfg, _ := json.Marshal(map[string]any{"x509_group": "factory-x509",
+		"ca": map[string]any{"remote": map[string]any{"url": "https://127.0.0.1:9", "provisioner": "p", "root": rootPath, "password_file": pwPath}}})
+	if err := os.WriteFile(filepath.Join(home, configFile), cfg, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e := &env{stdout: &bytes.Buffer{}, stderr: &bytes.Buffer{}, getenv: func(k string) string {
+		if k == "KILN_HOME" {
+			return home
+		}
+		return ""
+	}}
+	be, err := openBatchEnv(t.Context(), e)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer be.close()
+	units := []*station.Unit{{Serial: "A", Method: station.MethodX509}, {Serial: "B", Method: station.MethodX509, EnrollmentGroup: "elsewhere"}}
+	gs, err := be.stationGroups(t.Context(), e, units, nil, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(gs) != 1 || gs[0].ID != "factory-x509" || gs[0].Attestation.X509.SigningCertificates.Primary.Certificate != cloudsync.CertificatePEM(root.Raw) {
+		t.Fatalf("station groups %+v; want factory-x509 signed by the step-ca root", gs)
+	}
+	if _, err := cloudsync.UnitGroup(units[1], gs); err == nil || !strings.Contains(err.Error(), "elsewhere") {
+		t.Errorf("a unit naming another group: %v; want it named", err)
+	}
+	sym := []*station.Unit{{Serial: "S", Method: station.MethodSymKey, EnrollmentGroup: defaultSymKeyGroup}}
+	if _, err := be.stationGroups(t.Context(), e, sym, nil, false); err == nil || !strings.Contains(err.Error(), "--group-key-file") {
+		t.Errorf("export of a symmetric-key unit without its group key: %v; want --group-key-file asked for", err)
+	}
+}
+
+// newTestCA returns a self-signed CA certificate.
+func newTestCA(t *testing.T) *x509.Certificate {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: "Factory Root"}, NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := x509.ParseCertificate(der)
+	return c
 }
