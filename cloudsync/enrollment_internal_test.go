@@ -1,6 +1,7 @@
 package cloudsync
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -8,6 +9,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/base64"
 	"math/big"
+	"strings"
 	"testing"
 	"time"
 
@@ -54,4 +56,31 @@ func TestSameClientCert(t *testing.T) {
 			t.Errorf("%s: same = %v; want %v", tc.name, got, tc.same)
 		}
 	}
+}
+
+// FuzzCompareX509 feeds X.509 enrollments as a target answers them (a
+// certificate in any encoding, or only its info) to the read-back
+// comparison: it must not panic, and a certificate that is not the one
+// pushed never compares the same. Seeds in testdata/fuzz/FuzzCompareX509.
+func FuzzCompareX509(f *testing.F) {
+	f.Add("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n", "AB:CD")
+	f.Add("TUlJQg==", "")
+	f.Add("", "E3B0C44298FC1C149AFBF4C8996FB92427AE41E4649B934CA495991B7852B855")
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "fuzz"}, NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		f.Fatal(err)
+	}
+	_, tp := station.Thumbprints(der)
+	want := dps.AttestationMechanism{Type: dps.AttestationX509, X509: &dps.X509Attestation{ClientCertificates: &dps.X509Certificates{
+		Primary: &dps.X509CertificateWithInfo{Certificate: CertificatePEM(der)}}}}
+	f.Fuzz(func(t *testing.T, cert, thumbprint string) {
+		got := dps.AttestationMechanism{Type: dps.AttestationX509, X509: &dps.X509Attestation{ClientCertificates: &dps.X509Certificates{
+			Primary: &dps.X509CertificateWithInfo{Certificate: cert, Info: &dps.X509CertificateInfo{SHA256Thumbprint: thumbprint}}}}}
+		d := certDER(cert)
+		if sameAttestation(got, want) && !bytes.Equal(d, der) && !(d == nil && strings.EqualFold(strings.NewReplacer(":", "", " ", "", "-", "").Replace(thumbprint), tp)) {
+			t.Fatalf("certificate %q, thumbprint %q compare the same as the pushed one", cert, thumbprint)
+		}
+	})
 }
