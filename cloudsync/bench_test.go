@@ -8,29 +8,31 @@ import (
 	"time"
 
 	"github.com/kilnworks/kiln/cloudsync"
+	"github.com/kilnworks/kiln/devserver"
 	"github.com/kilnworks/kiln/station"
 )
 
 // BenchmarkPush10k pushes a sealed batch of 10,000 TPM enrollments to the
-// real devserver's service API behind an Azure-like throttle (a fixed
-// window of N operations, the rest answered 429 with retry-after), with
-// DPS's own quota: 1,000 operations per minute (KILN_BENCH_PUSH_WINDOW, in
-// seconds, scales the window). The ceiling is 10 enrollments per bulk ×
-// 1,000 operations per window; ceiling-ratio is the achieved
-// enrollments/s, over the whole push (planning, outbox writes and the
-// last answer included), ÷ that ceiling. failed and duplicated must be 0
-// (duplicated: registration IDs the DPS accepted more than one write for).
+// real devserver's service API, which throttles it itself with DPS's
+// quota (devserver.DPSQuotas: 1,000 operations in any minute, the rest
+// refused 429 with retry-after); KILN_BENCH_PUSH_OPS scales the quota
+// (operations per minute) for a shorter run. The ceiling is 10 enrollments
+// per bulk × the quota; ceiling-ratio is the achieved enrollments/s, over
+// the whole push (planning, outbox writes and the last answer included),
+// ÷ that ceiling. failed and duplicated must be 0 (duplicated:
+// registration IDs the DPS accepted more than one write for).
 func BenchmarkPush10k(b *testing.B) {
-	const units, ops = 10000, 1000
-	window := time.Minute
-	if v, err := strconv.Atoi(os.Getenv("KILN_BENCH_PUSH_WINDOW")); err == nil && v > 0 {
-		window = time.Duration(v) * time.Second
+	const units = 10000
+	ops := devserver.DPSQuotas().OperationsPerMinute
+	if v, err := strconv.Atoi(os.Getenv("KILN_BENCH_PUSH_OPS")); err == nil && v > 0 {
+		ops = v
 	}
+	window := time.Minute
 	ceiling := float64(10*ops) / window.Seconds()
 	var ratio, rate, throttled float64
 	for i := range b.N {
 		b.StopTimer()
-		d := startTarget(b, ops, window)
+		d := startQuotaTarget(b, ops)
 		s := openStation(b, b.TempDir())
 		tg := s.addTarget(b, d, d.conn)
 		batch := s.sealedBatch(b, fmt.Sprintf("bench%d", i), units, tg.Name, station.EnrollmentTemplate{})

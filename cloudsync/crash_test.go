@@ -63,7 +63,7 @@ func pushChild(dir string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	p := &cloudsync.Pusher{Store: st, Service: svc, Quota: cloudsync.Quota{Operations: ops, Window: time.Second}, Workers: 4}
+	p := &cloudsync.Pusher{Store: st, Service: svc, Quota: cloudsync.Quota{Operations: ops * 60, Window: time.Minute}, Workers: 4}
 	if _, err := p.Push(ctx, id); err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
@@ -73,7 +73,7 @@ func pushChild(dir string) int {
 
 func TestPushCrashResume(t *testing.T) {
 	const units, ops = 1000, 40
-	d := startTarget(t, ops, time.Second)
+	d := startQuotaTarget(t, ops*60)
 	dir := t.TempDir()
 	s := openStation(t, dir)
 	tg := s.addTarget(t, d, d.conn)
@@ -117,7 +117,7 @@ func TestPushCrashResume(t *testing.T) {
 	}
 	d.th.setHook(nil)
 	// Restart in this process and finish.
-	p := s.pusher(t, tg, cloudsync.Quota{Operations: ops, Window: time.Second})
+	p := s.pusher(t, tg, cloudsync.Quota{Operations: ops * 60, Window: time.Minute})
 	p.Verify = cloudsync.VerifyAll
 	rep, err := p.Push(ctx, b.ID)
 	if err != nil {

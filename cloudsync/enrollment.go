@@ -2,8 +2,10 @@ package cloudsync
 
 import (
 	"bytes"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"slices"
 	"strings"
 
@@ -20,6 +22,39 @@ type Group struct {
 	// references, or SymmetricKey with the group keys (a secret: it is
 	// sent to the target and never stored or logged by cloudsync).
 	Attestation dps.AttestationMechanism
+}
+
+// UnitGroup returns the enrollment group of groups that group-method unit
+// u registers through: the one its record names (Unit.EnrollmentGroup),
+// else the first whose attestation fits the unit's method (X.509 or
+// symmetric key). Kinds: Invalid (no such group: the message names the
+// one to give).
+func UnitGroup(u *station.Unit, groups []*Group) (*Group, error) {
+	op := "find the enrollment group of unit " + u.Serial
+	want := dps.AttestationX509
+	if u.Method == station.MethodSymKey {
+		want = dps.AttestationSymmetricKey
+	}
+	for _, g := range groups {
+		if g == nil {
+			continue
+		}
+		if u.EnrollmentGroup != "" {
+			if strings.EqualFold(g.ID, u.EnrollmentGroup) {
+				return g, nil
+			}
+			continue
+		}
+		if strings.EqualFold(g.Attestation.Type, want) {
+			return g, nil
+		}
+	}
+	if u.EnrollmentGroup != "" {
+		return nil, station.Errorf(op, station.KindInvalid,
+			"unit %s registers through enrollment group %s: give that enrollment group (its ID and its signing certificate or key)", u.Serial, u.EnrollmentGroup)
+	}
+	return nil, station.Errorf(op, station.KindInvalid,
+		"unit %s (%s method) registers through an enrollment group: give the enrollment group its units register through", u.Serial, u.Method)
 }
 
 // groupKey is the outbox key of a batch's enrollment group.
@@ -46,17 +81,38 @@ func Enrollment(u *station.Unit, t station.EnrollmentTemplate) (*dps.IndividualE
 			return nil, station.Errorf(op, station.KindInvalid, "unit %s has no EK recorded: provision it again", u.Serial)
 		}
 		e = dps.NewTPMEnrollment(u.RegistrationID, u.EKPublic)
+	case station.MethodX509:
+		// An individual X.509 enrollment names the unit's own leaf: the
+		// certificate the station CA issued, as its record keeps it.
+		if len(u.Certificate) == 0 {
+			return nil, station.Errorf(op, station.KindInvalid,
+				"unit %s (x509 method) has no certificate of its own in its record (imported, or recorded before certificates were kept): enroll it through its enrollment group", u.Serial)
+		}
+		leaf, err := x509.ParseCertificate(u.Certificate)
+		if err != nil {
+			return nil, station.Errorf(op, station.KindInvalid, "unit %s: its recorded certificate does not parse (%v): provision it again", u.Serial, err)
+		}
+		if !strings.EqualFold(leaf.Subject.CommonName, u.RegistrationID) {
+			return nil, station.Errorf(op, station.KindInvalid,
+				"unit %s: its certificate's subject CN %.130q is not its registration ID %q, so DPS would refuse its registration: provision it again", u.Serial, leaf.Subject.CommonName, u.RegistrationID)
+		}
+		e = &dps.IndividualEnrollment{RegistrationID: u.RegistrationID, Attestation: dps.AttestationMechanism{Type: dps.AttestationX509,
+			X509: &dps.X509Attestation{ClientCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: CertificatePEM(u.Certificate)}}}}}
 	default:
-		// X.509 units enroll through their batch's group: an individual
-		// entry needs the unit's own certificate, which its record does
-		// not carry. Symmetric-key units get theirs from SymKeyEnrollment.
+		// Symmetric-key units get theirs from SymKeyEnrollment: the
+		// device key is derived from the group's.
 		return nil, station.Errorf(op, station.KindInvalid,
-			"unit %s (%s method) has no certificate of its own in its record: enroll it through the batch's enrollment group", u.Serial, u.Method)
+			"unit %s (%s method) has no key of its own in its record: enroll it through its enrollment group (with its key, for individual enrollments)", u.Serial, u.Method)
 	}
 	if err := applyTemplate(t, &e.AllocationPolicy, &e.IoTHubs, &e.InitialTwin, &e.Capabilities, &e.ReprovisionPolicy, &e.ProvisioningStatus); err != nil {
 		return nil, station.E(op, station.KindInvalid, err)
 	}
 	return e, nil
+}
+
+// CertificatePEM returns a certificate's DER as PEM, as DPS takes it.
+func CertificatePEM(der []byte) string {
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}))
 }
 
 // SymKeyEnrollment returns the individual enrollment of symmetric-key unit
@@ -70,12 +126,26 @@ func SymKeyEnrollment(u *station.Unit, t station.EnrollmentTemplate, groupKey st
 	if err != nil || u.RegistrationID == "" {
 		return nil, station.Errorf(op, station.KindInvalid, "unit %s: a symmetric-key enrollment needs the group's key and the unit's registration ID", u.Serial)
 	}
+	dk := dps.DeriveDeviceKey(key, u.RegistrationID)
+	if u.SymKeySHA256 != "" && !strings.EqualFold(station.KeyFingerprint(dk), u.SymKeySHA256) {
+		// The device holds a key derived from another group key: this
+		// enrollment would refuse it.
+		return nil, station.Errorf(op, station.KindInvalid,
+			"unit %s holds a device key (sha256 %.12s…) not derived from this group key: give the key of group %s, the one the unit was provisioned with", u.Serial, u.SymKeySHA256, orGroup(u.EnrollmentGroup))
+	}
 	e := &dps.IndividualEnrollment{RegistrationID: u.RegistrationID, Attestation: dps.AttestationMechanism{
-		Type: dps.AttestationSymmetricKey, SymmetricKey: &dps.SymmetricKeyAttestation{PrimaryKey: dps.EncodeKey(dps.DeriveDeviceKey(key, u.RegistrationID))}}}
+		Type: dps.AttestationSymmetricKey, SymmetricKey: &dps.SymmetricKeyAttestation{PrimaryKey: dps.EncodeKey(dk)}}}
 	if err := applyTemplate(t, &e.AllocationPolicy, &e.IoTHubs, &e.InitialTwin, &e.Capabilities, &e.ReprovisionPolicy, &e.ProvisioningStatus); err != nil {
 		return nil, station.E(op, station.KindInvalid, err)
 	}
 	return e, nil
+}
+
+func orGroup(id string) string {
+	if id == "" {
+		return "it was provisioned with"
+	}
+	return id
 }
 
 // EnrollmentGroup returns the group enrollment of g under template t.
@@ -176,12 +246,57 @@ func sameAttestation(a, b dps.AttestationMechanism) bool {
 	case a.TPM != nil && b.TPM != nil:
 		return sameBase64(a.TPM.EndorsementKey, b.TPM.EndorsementKey)
 	case a.X509 != nil && b.X509 != nil:
+		if a.X509.ClientCertificates != nil || b.X509.ClientCertificates != nil {
+			return sameClientCert(a.X509.ClientCertificates, b.X509.ClientCertificates)
+		}
 		ca, cb := primaryCert(a.X509), primaryCert(b.X509)
 		return ca != "" && ca == cb
 	case a.SymmetricKey != nil && b.SymmetricKey != nil:
 		return sameBase64(a.SymmetricKey.PrimaryKey, b.SymmetricKey.PrimaryKey)
 	}
 	return false
+}
+
+// sameClientCert reports whether two individual X.509 enrollments name the
+// same primary certificate: the same DER, or, when one side holds only the
+// info a service answers with (Azure's DPS does not send the certificate
+// back), the same SHA-256 thumbprint.
+func sameClientCert(a, b *dps.X509Certificates) bool {
+	if a == nil || b == nil || a.Primary == nil || b.Primary == nil {
+		return false
+	}
+	tp := func(c *dps.X509CertificateWithInfo) (der []byte, sha256Hex string) {
+		if c.Certificate != "" {
+			if der = certDER(c.Certificate); der != nil {
+				_, sha256Hex = station.Thumbprints(der)
+				return der, sha256Hex
+			}
+		}
+		if c.Info != nil {
+			sha256Hex = strings.ToUpper(strings.NewReplacer(":", "", " ", "", "-", "").Replace(c.Info.SHA256Thumbprint))
+		}
+		return nil, sha256Hex
+	}
+	da, ta := tp(a.Primary)
+	db, tb := tp(b.Primary)
+	if da != nil && db != nil {
+		return bytes.Equal(da, db)
+	}
+	return ta != "" && ta == tb
+}
+
+// certDER reads a certificate as enrollments hold it (PEM or base64 DER);
+// nil when it is neither.
+func certDER(s string) []byte {
+	s = strings.TrimSpace(s)
+	if blk, _ := pem.Decode([]byte(s)); blk != nil {
+		return blk.Bytes
+	}
+	b, err := base64.StdEncoding.DecodeString(strings.Join(strings.Fields(s), ""))
+	if err != nil {
+		return nil
+	}
+	return b
 }
 
 func primaryCert(x *dps.X509Attestation) string {

@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -26,15 +27,23 @@ import (
 	"github.com/kilnworks/kiln/station/sqlite"
 )
 
-// throttle stands in front of the real devserver's service API and
-// enforces an Azure-like operations quota: at most ops requests per fixed
-// window, the rest answered 429 with a retry-after of the rest of the
-// window, in whole seconds as DPS sends it. It also counts, per
-// registration ID, the bulk items the DPS accepted, so that a test can
-// tell a duplicate write from a retry.
+// throttle stands in front of the real devserver's service API. It counts,
+// per registration ID, the bulk items the DPS accepted, so that a test can
+// tell a duplicate write from a retry; it can fail requests with 503 and
+// stop a bulk operation before or after the DPS applies it (hook).
+//
+// With ops > 0 it also enforces a quota of its own: at most ops requests
+// per fixed window, the rest answered 429 with a retry-after of the rest
+// of the window, in whole seconds as DPS sends it. Most tests leave that
+// to the devserver's own quota (startQuotaTarget: operations per minute in
+// a sliding window, 429 + retry-after, as DPS). Only the tests that must
+// see pacing or throttling within a few seconds use this one, because a
+// window can be a second here while the devserver's, like DPS's, is a
+// minute: a push that overruns the devserver's quota waits up to a minute
+// for its retry-after.
 type throttle struct {
 	next   http.Handler
-	ops    int
+	ops    int // 0: no quota of its own
 	window time.Duration
 	// fail5xx, when > 0, answers 503 (without retry-after) to every
 	// fail5xx-th request that the quota lets through.
@@ -61,11 +70,11 @@ func (t *throttle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if t.start.IsZero() {
 		t.start, t.first = now, now
 	}
-	if el := now.Sub(t.start); el >= t.window {
+	if el := now.Sub(t.start); t.ops > 0 && el >= t.window {
 		t.start = t.start.Add(el - el%t.window)
 		t.count = 0
 	}
-	if t.count >= t.ops {
+	if t.ops > 0 && t.count >= t.ops {
 		rest := t.window - now.Sub(t.start)
 		t.throttled++
 		t.mu.Unlock()
@@ -161,13 +170,38 @@ type dpsTarget struct {
 	ts     *httptest.Server
 	target *station.Target // unsealed fields; seal with a Sealer
 	conn   string
+	skew   atomic.Int64 // how far the DPS's clock is ahead of time.Now (ns)
 }
+
+// skip moves the DPS's clock on by d: its quota windows see d pass.
+func (d *dpsTarget) skip(by time.Duration) { d.skew.Add(int64(by)) }
 
 const testHost = "dps.kiln.test"
 
+// startTarget starts a devserver without quotas behind a throttle that
+// admits ops requests per fixed window (see throttle for when a test
+// needs that).
 func startTarget(t testing.TB, ops int, window time.Duration) *dpsTarget {
 	t.Helper()
-	srv, err := devserver.New(devserver.Config{DataDir: t.TempDir(), HostName: testHost})
+	d := newTarget(t, devserver.Quotas{}, ops, window)
+	d.target.OpsPerMinute = int(float64(ops) * float64(time.Minute) / float64(window))
+	return d
+}
+
+// startQuotaTarget starts a devserver that throttles its service API
+// itself, as DPS does: opsPerMinute operations in any minute (a sliding
+// window), the rest refused with 429 and a retry-after.
+func startQuotaTarget(t testing.TB, opsPerMinute int) *dpsTarget {
+	t.Helper()
+	d := newTarget(t, devserver.Quotas{OperationsPerMinute: opsPerMinute}, 0, 0)
+	d.target.OpsPerMinute = opsPerMinute
+	return d
+}
+
+func newTarget(t testing.TB, q devserver.Quotas, ops int, window time.Duration) *dpsTarget {
+	d := &dpsTarget{}
+	srv, err := devserver.New(devserver.Config{DataDir: t.TempDir(), HostName: testHost, Quotas: q,
+		Now: func() time.Time { return time.Now().Add(time.Duration(d.skew.Load())) }})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -178,8 +212,9 @@ func startTarget(t testing.TB, ops int, window time.Duration) *dpsTarget {
 	ts.StartTLS()
 	t.Cleanup(ts.Close)
 	trust := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ts.Certificate().Raw})
-	return &dpsTarget{srv: srv, th: th, ts: ts, conn: srv.ServiceConnectionString(),
-		target: &station.Target{Name: "test-dps", TrustPEM: trust, BaseURL: ts.URL, OpsPerMinute: ops}}
+	d.srv, d.th, d.ts, d.conn = srv, th, ts, srv.ServiceConnectionString()
+	d.target = &station.Target{Name: "test-dps", TrustPEM: trust, BaseURL: ts.URL}
+	return d
 }
 
 // station is a station data directory: its store and sealer.
@@ -279,9 +314,12 @@ func (s *stationDir) pusher(t testing.TB, tg *station.Target, q cloudsync.Quota)
 }
 
 // enrollments returns every individual enrollment the DPS holds, through
-// its query API (not throttled: it goes to the handler directly).
+// its query API, straight to its handler (not through the throttle). The
+// DPS's clock moves a minute on first, so that these reads find its
+// quota's window empty and leave the next push a fresh one.
 func (d *dpsTarget) enrollments(t testing.TB) map[string]dps.IndividualEnrollment {
 	t.Helper()
+	d.skip(time.Minute)
 	ts := httptest.NewUnstartedServer(d.srv.Handler())
 	ts.StartTLS()
 	defer ts.Close()

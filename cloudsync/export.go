@@ -5,6 +5,7 @@ import (
 	"encoding/csv"
 	"encoding/json"
 	"io"
+	"slices"
 	"strconv"
 	"time"
 
@@ -18,6 +19,45 @@ import (
 type BulkFile struct {
 	Groups      []dps.BulkEnrollmentGroupOperation `json:"enrollmentGroupOperations,omitempty"`
 	Enrollments []dps.BulkEnrollmentOperation      `json:"enrollmentOperations"`
+	// Units is the identity of each unit, for the customer's records: not
+	// sent to DPS. It never holds a key.
+	Units []UnitIdentity `json:"units,omitempty"`
+}
+
+// UnitIdentity is how a unit is known to DPS, by method, without secrets:
+// a TPM unit by its EK's SHA-256, an X.509 unit by its certificate and its
+// thumbprint, a symmetric-key unit by its group and its key's SHA-256.
+type UnitIdentity struct {
+	Serial         string `json:"serial"`
+	RegistrationID string `json:"registrationId"`
+	Method         string `json:"method"`
+	EKSHA256       string `json:"ekSha256,omitempty"`
+	// Certificate is the X.509 unit's leaf, base64 DER.
+	Certificate      string `json:"certificate,omitempty"`
+	CertSerial       string `json:"certificateSerial,omitempty"`
+	SHA256Thumbprint string `json:"sha256Thumbprint,omitempty"`
+	// EnrollmentGroup is the group a unit of a group method registers
+	// through.
+	EnrollmentGroup string `json:"enrollmentGroupId,omitempty"`
+	SymKeySHA256    string `json:"symmetricKeySha256,omitempty"`
+}
+
+// Identity returns the identity of unit u; group is the ID of the
+// enrollment group it registers through ("" for none or unknown).
+func Identity(u *station.Unit, group string) UnitIdentity {
+	id := UnitIdentity{Serial: u.Serial, RegistrationID: u.RegistrationID, Method: string(u.Method), EKSHA256: u.EKHash,
+		CertSerial: u.CertSerial, EnrollmentGroup: group, SymKeySHA256: u.SymKeySHA256}
+	if group == "" {
+		id.EnrollmentGroup = u.EnrollmentGroup
+	}
+	if len(u.Certificate) > 0 {
+		id.Certificate = base64.StdEncoding.EncodeToString(u.Certificate)
+		_, id.SHA256Thumbprint = station.Thumbprints(u.Certificate)
+	}
+	if id.SHA256Thumbprint == "" {
+		id.SHA256Thumbprint = u.CertThumbprint
+	}
+	return id
 }
 
 // BulkExport returns the bulk-operation export of batch b's units under
@@ -25,6 +65,17 @@ type BulkFile struct {
 // there are such units); perUnit also lists them on their own. Kinds:
 // Invalid (a unit cannot be enrolled as recorded; the message names it).
 func BulkExport(b *station.Batch, units []*station.Unit, g *Group, perUnit bool) (*BulkFile, error) {
+	var gs []*Group
+	if g != nil {
+		gs = []*Group{g}
+	}
+	return BulkExportGroups(b, units, gs, perUnit)
+}
+
+// BulkExportGroups is BulkExport with the enrollment groups the units
+// register through chosen per unit, as a push chooses them (UnitGroup);
+// only the groups some unit registers through are written. Kinds: Invalid.
+func BulkExportGroups(b *station.Batch, units []*station.Unit, groups []*Group, perUnit bool) (*BulkFile, error) {
 	f := &BulkFile{Enrollments: []dps.BulkEnrollmentOperation{}}
 	var cur []dps.IndividualEnrollment
 	flush := func() {
@@ -33,15 +84,24 @@ func BulkExport(b *station.Batch, units []*station.Unit, g *Group, perUnit bool)
 			cur = nil
 		}
 	}
-	needGroup := false
+	var used []*Group
 	for _, u := range units {
+		var g *Group
 		if usesGroup(u) {
-			needGroup = true
-			if !perUnit {
-				continue
+			var err error
+			if g, err = UnitGroup(u, groups); err != nil {
+				return nil, station.Errorf("export batch "+b.Name, station.KindInvalid,
+					"batch %d has X.509 or symmetric-key units: %w", b.ID, err)
+			}
+			if !slices.Contains(used, g) {
+				used = append(used, g)
 			}
 		}
-		e, err := Enrollment(u, b.Template)
+		f.Units = append(f.Units, Identity(u, groupID(g)))
+		if g != nil && !perUnit {
+			continue
+		}
+		e, err := unitEnrollment(u, b.Template, g)
 		if err != nil {
 			return nil, err
 		}
@@ -51,18 +111,25 @@ func BulkExport(b *station.Batch, units []*station.Unit, g *Group, perUnit bool)
 		}
 	}
 	flush()
-	if needGroup {
-		if g == nil {
-			return nil, station.Errorf("export batch "+b.Name, station.KindInvalid,
-				"batch %d has X.509 or symmetric-key units: give the enrollment group they register through", b.ID)
-		}
+	var egs []dps.EnrollmentGroup
+	for _, g := range used {
 		eg, err := EnrollmentGroup(g, b.Template)
 		if err != nil {
 			return nil, err
 		}
-		f.Groups = []dps.BulkEnrollmentGroupOperation{{Mode: dps.BulkCreate, EnrollmentGroups: []dps.EnrollmentGroup{*eg}}}
+		egs = append(egs, *eg)
+	}
+	for i := 0; i < len(egs); i += dps.MaxBulkItems {
+		f.Groups = append(f.Groups, dps.BulkEnrollmentGroupOperation{Mode: dps.BulkCreate, EnrollmentGroups: egs[i:min(i+dps.MaxBulkItems, len(egs))]})
 	}
 	return f, nil
+}
+
+func groupID(g *Group) string {
+	if g == nil {
+		return ""
+	}
+	return g.ID
 }
 
 // WriteBulkJSON writes f as indented JSON.
@@ -73,8 +140,12 @@ func WriteBulkJSON(w io.Writer, f *BulkFile) error {
 }
 
 // CSVHeader is the header row of the CSV export.
+// The last five name the X.509 and symmetric-key units: the leaf (base64
+// DER), its serial and SHA-256 thumbprint, the enrollment group and the
+// SHA-256 of the device key (never the key).
 var CSVHeader = []string{"serial", "registration_id", "method", "model", "firmware", "ek_sha256",
-	"ek_public_base64", "ek_cert_base64", "station", "operator", "recorded_utc", "batch_id", "batch"}
+	"ek_public_base64", "ek_cert_base64", "station", "operator", "recorded_utc", "batch_id", "batch",
+	"certificate_base64", "certificate_serial", "certificate_sha256_thumbprint", "enrollment_group", "symmetric_key_sha256"}
 
 // WriteCSV writes one row per unit of batch b, under CSVHeader. progress,
 // when set, is called after each row.
@@ -85,10 +156,12 @@ func WriteCSV(w io.Writer, b *station.Batch, units []*station.Unit, progress fun
 	}
 	enc := base64.StdEncoding.EncodeToString
 	for i, u := range units {
+		id := Identity(u, "")
 		row := []string{u.Serial, u.RegistrationID, string(u.Method), u.Model, u.Firmware, u.EKHash,
 			enc(u.EKPublic), enc(u.EKCert), u.Station, u.Operator, u.Created.UTC().Format(time.RFC3339Nano),
-			strconv.FormatInt(b.ID, 10), b.Name}
-		for _, j := range []int{0, 3, 4, 8, 9, 12} { // the free-text fields
+			strconv.FormatInt(b.ID, 10), b.Name,
+			id.Certificate, id.CertSerial, id.SHA256Thumbprint, id.EnrollmentGroup, id.SymKeySHA256}
+		for _, j := range []int{0, 3, 4, 8, 9, 12, 16} { // the free-text fields
 			row[j] = csvSafe(row[j])
 		}
 		if err := cw.Write(row); err != nil {

@@ -23,20 +23,28 @@ const maxManifest = 256 << 20
 
 // Claims is what one manifest entry says of a unit, signed.
 type Claims struct {
-	Serial         string    `json:"serial"`
-	RegistrationID string    `json:"registrationId"`
-	Method         string    `json:"method"`
-	EKPublic       string    `json:"ekPublic,omitempty"`    // base64 TPM2B_PUBLIC
-	EKCert         string    `json:"ekCert,omitempty"`      // base64 DER
-	Certificate    string    `json:"certificate,omitempty"` // base64 DER of an X.509 unit's leaf
-	Model          string    `json:"model,omitempty"`
-	Firmware       string    `json:"firmware,omitempty"`
-	BatchID        int64     `json:"batchId"`
-	Batch          string    `json:"batch"`
-	Station        string    `json:"station"`
-	Operator       string    `json:"operator"`
-	Provisioned    time.Time `json:"provisioned"` // when the unit was recorded
-	Signed         time.Time `json:"signed"`
+	Serial         string `json:"serial"`
+	RegistrationID string `json:"registrationId"`
+	Method         string `json:"method"`
+	EKPublic       string `json:"ekPublic,omitempty"`    // base64 TPM2B_PUBLIC
+	EKCert         string `json:"ekCert,omitempty"`      // base64 DER
+	Certificate    string `json:"certificate,omitempty"` // base64 DER of an X.509 unit's leaf
+	// CertSerial and CertThumbprint name an X.509 unit's leaf: its serial
+	// (hex) and SHA-256 thumbprint (upper-case hex).
+	CertSerial     string `json:"certificateSerial,omitempty"`
+	CertThumbprint string `json:"sha256Thumbprint,omitempty"`
+	// EnrollmentGroup is the group a symmetric-key unit registers through,
+	// SymKeySHA256 the SHA-256 of its device key (never the key).
+	EnrollmentGroup string    `json:"enrollmentGroupId,omitempty"`
+	SymKeySHA256    string    `json:"symmetricKeySha256,omitempty"`
+	Model           string    `json:"model,omitempty"`
+	Firmware        string    `json:"firmware,omitempty"`
+	BatchID         int64     `json:"batchId"`
+	Batch           string    `json:"batch"`
+	Station         string    `json:"station"`
+	Operator        string    `json:"operator"`
+	Provisioned     time.Time `json:"provisioned"` // when the unit was recorded
+	Signed          time.Time `json:"signed"`
 }
 
 // Manifest is a batch's signed manifest: one compact JWS (ES256) per unit,
@@ -78,6 +86,9 @@ func UnitClaims(b *station.Batch, u *station.Unit, signed time.Time) Claims {
 	if len(u.EKCert) > 0 {
 		c.EKCert = base64.StdEncoding.EncodeToString(u.EKCert)
 	}
+	id := Identity(u, "")
+	c.Certificate, c.CertSerial, c.CertThumbprint = id.Certificate, id.CertSerial, id.SHA256Thumbprint
+	c.EnrollmentGroup, c.SymKeySHA256 = id.EnrollmentGroup, id.SymKeySHA256
 	return c
 }
 

@@ -55,10 +55,16 @@ type Pusher struct {
 	// Sample (0: 20) enrollments.
 	Verify Verify
 	Sample int
-	// Group is the enrollment group of the batch's X.509 and
-	// symmetric-key units; PerUnit also pushes those units' own
-	// individual enrollments.
+	// Group and Groups are the enrollment groups of the batch's X.509 and
+	// symmetric-key units: each unit registers through the group its
+	// record names (Unit.EnrollmentGroup), else through the first of
+	// Group, then Groups, whose attestation fits its method (UnitGroup).
+	// Only the groups some unit registers through are pushed. PerUnit
+	// also pushes those units' own individual enrollments: an X.509
+	// unit's with its recorded certificate, a symmetric-key unit's with
+	// its key derived from its group's.
 	Group   *Group
+	Groups  []*Group
 	PerUnit bool
 	// Progress, when set, is called as items finish (from one goroutine
 	// at a time).
@@ -200,33 +206,63 @@ func refusal(err error) (int, string) {
 	return code, err.Error()
 }
 
-// plan builds the outbox items of batch b's push and the enrollments they
-// stand for, keyed by the lower-case registration ID (or group key).
-func (p *Pusher) plan(ctx context.Context, b *station.Batch) ([]station.PushItem, map[string]*dps.IndividualEnrollment, *dps.EnrollmentGroup, error) {
+// groupList is Group, then Groups.
+func (p *Pusher) groupList() []*Group {
+	var gs []*Group
+	if p.Group != nil {
+		gs = append(gs, p.Group)
+	}
+	for _, g := range p.Groups {
+		if g != nil {
+			gs = append(gs, g)
+		}
+	}
+	return gs
+}
+
+// unitEnrollment returns the individual enrollment of unit u, whose group
+// (for the group methods) is g.
+func unitEnrollment(u *station.Unit, t station.EnrollmentTemplate, g *Group) (*dps.IndividualEnrollment, error) {
+	if u.Method == station.MethodSymKey && g != nil && g.Attestation.SymmetricKey != nil {
+		return SymKeyEnrollment(u, t, g.Attestation.SymmetricKey.PrimaryKey)
+	}
+	return Enrollment(u, t)
+}
+
+// plan builds the outbox items of batch b's push and the enrollments and
+// groups they stand for, keyed by the lower-case registration ID (or
+// group key).
+func (p *Pusher) plan(ctx context.Context, b *station.Batch) ([]station.PushItem, map[string]*dps.IndividualEnrollment, map[string]*dps.EnrollmentGroup, error) {
 	units, err := p.Store.BatchUnits(ctx, b.ID)
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	var items []station.PushItem
+	var items, groupItems []station.PushItem
 	enrollments := map[string]*dps.IndividualEnrollment{}
-	var group *dps.EnrollmentGroup
-	needGroup := false
+	groups := map[string]*dps.EnrollmentGroup{}
 	for _, u := range units {
+		var g *Group
 		if usesGroup(u) {
-			needGroup = true
+			if g, err = UnitGroup(u, p.groupList()); err != nil {
+				return nil, nil, nil, station.Errorf("plan the push of batch "+b.Name, station.KindInvalid,
+					"batch %d has X.509 or symmetric-key units: %w", b.ID, err)
+			}
+			if k := groupKey(g.ID); groups[k] == nil {
+				eg, err := EnrollmentGroup(g, b.Template)
+				if err != nil {
+					return nil, nil, nil, err
+				}
+				groups[k] = eg
+				groupItems = append(groupItems, station.PushItem{BatchID: b.ID, Op: station.PushEnroll, Key: k,
+					State: station.PushPending, Mode: station.PushModeCreate})
+			}
 			if !p.PerUnit {
 				continue
 			}
 		}
 		it := station.PushItem{BatchID: b.ID, Op: station.PushEnroll, Key: strings.ToLower(u.RegistrationID), Serial: u.Serial,
 			State: station.PushPending, Mode: station.PushModeCreate}
-		var e *dps.IndividualEnrollment
-		var err error
-		if u.Method == station.MethodSymKey && p.Group != nil && p.Group.Attestation.SymmetricKey != nil {
-			e, err = SymKeyEnrollment(u, b.Template, p.Group.Attestation.SymmetricKey.PrimaryKey)
-		} else {
-			e, err = Enrollment(u, b.Template)
-		}
+		e, err := unitEnrollment(u, b.Template, g)
 		if err != nil {
 			// The unit cannot be enrolled as it is: it fails on its own.
 			it.State, it.Mode = station.PushFailed, ""
@@ -239,19 +275,7 @@ func (p *Pusher) plan(ctx context.Context, b *station.Batch) ([]station.PushItem
 		}
 		items = append(items, it)
 	}
-	if needGroup {
-		if p.Group == nil {
-			return nil, nil, nil, station.Errorf("plan the push of batch "+b.Name, station.KindInvalid,
-				"batch %d has X.509 or symmetric-key units: give the enrollment group they register through", b.ID)
-		}
-		group, err = EnrollmentGroup(p.Group, b.Template)
-		if err != nil {
-			return nil, nil, nil, err
-		}
-		items = append([]station.PushItem{{BatchID: b.ID, Op: station.PushEnroll, Key: groupKey(p.Group.ID),
-			State: station.PushPending, Mode: station.PushModeCreate}}, items...)
-	}
-	return items, enrollments, group, nil
+	return append(groupItems, items...), enrollments, groups, nil
 }
 
 // Push pushes batch id to the target: a sealed batch becomes pushing, its
@@ -278,7 +302,7 @@ func (p *Pusher) Push(ctx context.Context, id int64) (*Report, error) {
 	}
 	p.begin(b.ID)
 	defer func() { p.rep.Elapsed = time.Since(p.start) }()
-	items, enrollments, group, err := p.plan(ctx, b)
+	items, enrollments, groups, err := p.plan(ctx, b)
 	if err != nil {
 		return nil, err
 	}
@@ -301,7 +325,7 @@ func (p *Pusher) Push(ctx context.Context, id int64) (*Report, error) {
 	}
 	var retry []station.PushItem
 	for _, it := range failedItems {
-		if _, ok := enrollments[it.Key]; ok || (group != nil && it.Key == groupKey(group.EnrollmentGroupID)) {
+		if _, ok := enrollments[it.Key]; ok || groups[it.Key] != nil {
 			it.State, it.Mode, it.ErrorCode, it.Error = station.PushPending, station.PushModeCreate, 0, ""
 			retry = append(retry, it)
 		}
@@ -321,7 +345,7 @@ func (p *Pusher) Push(ctx context.Context, id int64) (*Report, error) {
 	p.setPhase("push", total, counts[station.PushDone], counts[station.PushFailed])
 	if len(unknown) > 0 {
 		p.log().Info("resuming a push: reading back the items whose answer was not recorded", "batch", b.ID, "items", len(unknown))
-		if err := p.readBack(ctx, unknown, enrollments, group); err != nil {
+		if err := p.readBack(ctx, unknown, enrollments, groups); err != nil {
 			return p.finish(ctx, b, err)
 		}
 	}
@@ -334,7 +358,7 @@ func (p *Pusher) Push(ctx context.Context, id int64) (*Report, error) {
 		if len(pending) == 0 {
 			break
 		}
-		if err := p.send(ctx, pending, enrollments, group); err != nil {
+		if err := p.send(ctx, pending, enrollments, groups); err != nil {
 			return p.finish(ctx, b, err)
 		}
 	}
@@ -385,11 +409,11 @@ func (p *Pusher) finish(ctx context.Context, b *station.Batch, cause error) (*Re
 // readBack decides the fate of items by reading each from the target:
 // absent → create; same → done; same identity, other settings → update;
 // another identity → failed (Conflict).
-func (p *Pusher) readBack(ctx context.Context, items []station.PushItem, enrollments map[string]*dps.IndividualEnrollment, group *dps.EnrollmentGroup) error {
+func (p *Pusher) readBack(ctx context.Context, items []station.PushItem, enrollments map[string]*dps.IndividualEnrollment, groups map[string]*dps.EnrollmentGroup) error {
 	var out []station.PushItem
 	done, failed := 0, 0
 	for _, it := range items {
-		if group != nil && it.Key == groupKey(group.EnrollmentGroupID) {
+		if groups[it.Key] != nil {
 			it.State, it.Mode = station.PushPending, station.PushModeCreate // the group's push reads it back itself
 			out = append(out, it)
 			continue
@@ -441,12 +465,12 @@ func (p *Pusher) readBack(ctx context.Context, items []station.PushItem, enrollm
 // enrollments in bulk operations of up to ten, one mode per operation, by
 // the pusher's workers. It stops at the first error that concerns the
 // whole target (credentials, unreachable).
-func (p *Pusher) send(ctx context.Context, pending []station.PushItem, enrollments map[string]*dps.IndividualEnrollment, group *dps.EnrollmentGroup) error {
+func (p *Pusher) send(ctx context.Context, pending []station.PushItem, enrollments map[string]*dps.IndividualEnrollment, groups map[string]*dps.EnrollmentGroup) error {
 	var creates, updates, stale []station.PushItem
 	for _, it := range pending {
 		switch {
-		case group != nil && it.Key == groupKey(group.EnrollmentGroupID):
-			if err := p.pushGroup(ctx, it, group); err != nil {
+		case groups[it.Key] != nil:
+			if err := p.pushGroup(ctx, it, groups[it.Key]); err != nil {
 				return err
 			}
 		case enrollments[it.Key] == nil:

@@ -84,8 +84,42 @@ func TestPushThrottledAndFailing(t *testing.T) {
 	checkHoldsExactly(t, s, d, b.ID)
 }
 
+// A pusher that believes in more than the target's quota is held back by
+// the devserver's own throttle (DPS's semantics: N operations in any
+// minute, 429 with a retry-after beyond) and honours its retry-after:
+// one request is refused, every worker waits, and the push completes
+// without a second refusal. It waits out the minute of the quota's
+// window, so it runs in parallel with the other tests.
+func TestPushOverDevserverQuota(t *testing.T) {
+	t.Parallel()
+	const quota = 5
+	d := startQuotaTarget(t, quota)
+	s := openStation(t, t.TempDir())
+	tg := s.addTarget(t, d, d.conn)
+	b := s.sealedBatch(t, "over", 60, tg.Name, station.EnrollmentTemplate{}) // 6 bulk operations
+	p := s.pusher(t, tg, cloudsync.Quota{Operations: 600, Window: time.Minute})
+	p.Workers, p.Verify = 4, cloudsync.VerifyNone
+	t0 := time.Now()
+	rep, err := p.Push(t.Context(), b.ID)
+	el := time.Since(t0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("pushed 60 in %d requests, %d throttled, in %v", rep.Requests, rep.Throttled, el.Round(time.Millisecond))
+	if rep.Done != 60 || rep.Failed != 0 {
+		t.Errorf("done %d, failed %d; want 60, 0", rep.Done, rep.Failed)
+	}
+	if rep.Throttled != 1 || rep.Requests != 7 {
+		t.Errorf("%d requests, %d throttled; want 7 and 1: the sixth refused once, then sent after its retry-after", rep.Requests, rep.Throttled)
+	}
+	if el < 55*time.Second {
+		t.Errorf("the push took %v; the quota's window is a minute, so the sixth request cannot have waited its retry-after", el)
+	}
+	checkHoldsExactly(t, s, d, b.ID)
+}
+
 func TestPushRefusedItems(t *testing.T) {
-	d := startTarget(t, 100, time.Second)
+	d := startQuotaTarget(t, 6000)
 	s := openStation(t, t.TempDir())
 	tg := s.addTarget(t, d, d.conn)
 	ctx := t.Context()
@@ -122,7 +156,7 @@ func TestPushRefusedItems(t *testing.T) {
 
 	t.Run("wrong key", func(t *testing.T) {
 		wrong := s.addTarget(t, d, strings.Replace(d.conn, "SharedAccessKey=", "SharedAccessKey=AAAA", 1))
-		p := s.pusher(t, wrong, cloudsync.Quota{Operations: 100, Window: time.Second})
+		p := s.pusher(t, wrong, cloudsync.Quota{Operations: 6000, Window: time.Minute})
 		rep, err := p.Push(ctx, b.ID)
 		if station.KindOf(err) != station.KindUnauthorized {
 			t.Errorf("push with a wrong key = %v; want Unauthorized", err)
@@ -144,7 +178,7 @@ func TestPushRefusedItems(t *testing.T) {
 	})
 	t.Run("invalid items", func(t *testing.T) {
 		tg := s.addTarget(t, d, d.conn) // the right key again, same target name
-		p := s.pusher(t, tg, cloudsync.Quota{Operations: 100, Window: time.Second})
+		p := s.pusher(t, tg, cloudsync.Quota{Operations: 6000, Window: time.Minute})
 		p.Verify = cloudsync.VerifyAll
 		rep, err := p.Push(ctx, b.ID)
 		if station.KindOf(err) != station.KindInvalid || !strings.Contains(err.Error(), "refused") {
@@ -173,11 +207,11 @@ func TestPushRefusedItems(t *testing.T) {
 }
 
 func TestPushTwoPhaseEnable(t *testing.T) {
-	d := startTarget(t, 100, time.Second)
+	d := startQuotaTarget(t, 6000)
 	s := openStation(t, t.TempDir())
 	tg := s.addTarget(t, d, d.conn)
 	b := s.sealedBatch(t, "qa", 23, tg.Name, station.EnrollmentTemplate{ProvisioningStatus: station.ProvisioningDisabled})
-	p := s.pusher(t, tg, cloudsync.Quota{Operations: 100, Window: time.Second})
+	p := s.pusher(t, tg, cloudsync.Quota{Operations: 6000, Window: time.Minute})
 	if _, err := p.Push(t.Context(), b.ID); err != nil {
 		t.Fatal(err)
 	}
@@ -206,7 +240,7 @@ func TestPushTwoPhaseEnable(t *testing.T) {
 }
 
 func TestPushVerifyCatchesLoss(t *testing.T) {
-	d := startTarget(t, 100, time.Second)
+	d := startQuotaTarget(t, 6000)
 	s := openStation(t, t.TempDir())
 	tg := s.addTarget(t, d, d.conn)
 	b := s.sealedBatch(t, "lossy", 50, tg.Name, station.EnrollmentTemplate{})
@@ -231,7 +265,7 @@ func TestPushVerifyCatchesLoss(t *testing.T) {
 			}
 		}
 	})
-	p := s.pusher(t, tg, cloudsync.Quota{Operations: 100, Window: time.Second})
+	p := s.pusher(t, tg, cloudsync.Quota{Operations: 6000, Window: time.Minute})
 	p.Verify = cloudsync.VerifyAll
 	rep, err := p.Push(t.Context(), b.ID)
 	if err == nil || rep.Failed != 1 || rep.Failures[0].Serial != units[0].Serial || !strings.Contains(rep.Failures[0].Error, "does not hold") {
@@ -249,7 +283,7 @@ func TestPushVerifyCatchesLoss(t *testing.T) {
 }
 
 func TestPushSymmetricKeyGroup(t *testing.T) {
-	d := startTarget(t, 100, time.Second)
+	d := startQuotaTarget(t, 6000)
 	s := openStation(t, t.TempDir())
 	tg := s.addTarget(t, d, d.conn)
 	ctx := t.Context()
@@ -274,7 +308,7 @@ func TestPushSymmetricKeyGroup(t *testing.T) {
 	}
 	groupKey := make([]byte, 32)
 	rand.Read(groupKey)
-	p := s.pusher(t, tg, cloudsync.Quota{Operations: 100, Window: time.Second})
+	p := s.pusher(t, tg, cloudsync.Quota{Operations: 6000, Window: time.Minute})
 	// Without the group, the push cannot be planned.
 	if _, err := p.Push(ctx, b.ID); station.KindOf(err) != station.KindInvalid || !strings.Contains(err.Error(), "enrollment group") {
 		t.Fatalf("push without a group = %v; want Invalid asking for the group", err)

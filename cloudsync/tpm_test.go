@@ -38,7 +38,7 @@ func TestTwoPhaseWithRealTPM(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	emb, err := devserver.StartEmbedded(ctx, devserver.EmbeddedConfig{DataDir: t.TempDir(), RetryAfter: time.Second})
+	emb, err := devserver.StartEmbedded(ctx, devserver.EmbeddedConfig{DataDir: t.TempDir(), RetryAfter: time.Second, Quotas: devserver.DPSQuotas()})
 	if err != nil {
 		t.Fatal(err)
 	}

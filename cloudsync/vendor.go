@@ -7,6 +7,7 @@ import (
 	"crypto/elliptic"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
 	"strings"
 	"time"
@@ -185,10 +186,17 @@ func VerifyVendorEntry(e *VendorEntry, signer *x509.Certificate, now time.Time) 
 }
 
 // VendorUnit returns the unit record of an imported part: an X.509 unit
-// named by its unique ID, enrolled through its batch's group.
+// named by its unique ID, enrolled through its batch's group, with its
+// device certificate when the manifest carries one (so that it can also
+// be enrolled on its own).
 func VendorUnit(p *VendorPart, stationName, operator string) *station.Unit {
-	return &station.Unit{Serial: p.UniqueID, RegistrationID: p.RegistrationID, Method: station.MethodX509,
+	u := &station.Unit{Serial: p.UniqueID, RegistrationID: p.RegistrationID, Method: station.MethodX509,
 		Model: p.Model, Firmware: p.PartNumber, Station: stationName, Operator: operator}
+	if c := p.Certificate; c != nil {
+		u.Certificate, u.CertSerial = c.Raw, hex.EncodeToString(c.SerialNumber.Bytes())
+		_, u.CertThumbprint = station.Thumbprints(c.Raw)
+	}
+	return u
 }
 
 // ImportStore is what an import needs of the station's store.

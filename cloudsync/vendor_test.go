@@ -136,9 +136,14 @@ func TestImportVendorManifest(t *testing.T) {
 	if err != nil || len(units) != 12 || units[0].Method != station.MethodX509 {
 		t.Fatalf("batch holds %d units (%v); want 12 X.509 units", len(units), err)
 	}
+	for _, u := range units {
+		if _, tp := station.Thumbprints(u.Certificate); len(u.Certificate) == 0 || u.CertThumbprint != tp {
+			t.Errorf("part %s recorded without its device certificate (thumbprint %q)", u.Serial, u.CertThumbprint)
+		}
+	}
 
 	// Push the imported batch: one X.509 group under the device CA.
-	d := startTarget(t, 100, time.Second)
+	d := startQuotaTarget(t, 6000)
 	tg := s.addTarget(t, d, d.conn)
 	ctx := t.Context()
 	if err := s.store.SetBatchTarget(ctx, b.ID, tg.Name, station.EnrollmentTemplate{ProvisioningStatus: station.ProvisioningDisabled}); err != nil {
@@ -147,7 +152,7 @@ func TestImportVendorManifest(t *testing.T) {
 	if err := s.store.Transition(ctx, b.ID, station.BatchOpen, station.BatchSealed); err != nil {
 		t.Fatal(err)
 	}
-	p := s.pusher(t, tg, cloudsync.Quota{Operations: 100, Window: time.Second})
+	p := s.pusher(t, tg, cloudsync.Quota{Operations: 6000, Window: time.Minute})
 	caPEM := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: deviceCA.cert.Raw}))
 	p.Group = &cloudsync.Group{ID: "vendor-parts", Attestation: dps.AttestationMechanism{Type: dps.AttestationX509,
 		X509: &dps.X509Attestation{SigningCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: caPEM}}}}}

@@ -25,7 +25,7 @@ const batchUsage = `kiln batch list|show|seal|push|enable|export|import|verify-m
   list [--state S] [--json]                      the batches, newest first
   show ID [--json]                               a batch, its units' push state and refusals
   seal [ID] [--target NAME] [template flags]     close the open batch (or batch ID) to new units
-  push ID [--target NAME] [--verify sample|all|none] [--group-id G --group-cert PEM|--group-key-file F] [--json]
+  push ID [--target NAME] [--verify sample|all|none] [--group-id G --group-cert PEM|--group-key-file F] [--per-unit] [--json]
   enable ID [--json]                             second phase: enable the batch's pushed enrollments
   export ID --format bulk|csv|manifest --out FILE [--handover]
   import FILE --signer CERT.pem [--json]         a vendor (Microchip-style) manifest into the open batch
@@ -370,10 +370,10 @@ type groupFlags struct {
 }
 
 func (g *groupFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&g.id, "group-id", "", "the enrollment group of the batch's X.509 or symmetric-key units")
+	fs.StringVar(&g.id, "group-id", "", "an enrollment group of the batch's X.509 or symmetric-key units (default: the group each unit's record names, else the station's x509_group or symkey_group)")
 	fs.StringVar(&g.cert, "group-cert", "", "X.509 group: the signing (CA) certificate, PEM")
 	fs.StringVar(&g.keyFile, "group-key-file", "", "symmetric-key group: a file holding the group's primary key (base64)")
-	fs.BoolVar(&g.perUnit, "per-unit", false, "also enroll group units individually")
+	fs.BoolVar(&g.perUnit, "per-unit", false, "also enroll group units individually (X.509: the unit's recorded leaf; symmetric key: the key derived from its group's)")
 }
 
 func (g *groupFlags) group() (*cloudsync.Group, error) {
@@ -409,6 +409,77 @@ func (g *groupFlags) group() (*cloudsync.Group, error) {
 			SymmetricKey: &dps.SymmetricKeyAttestation{PrimaryKey: key}}}, nil
 	}
 	return nil, usagef("give the group's --group-cert (X.509) or --group-key-file (symmetric key), one of them")
+}
+
+// stationGroups returns the station's own enrollment groups that units
+// need and flag (the group given on the command line, may be nil) does not
+// cover: the X.509 group (station.json x509_group, default kiln-x509)
+// under the station CA's signing certificate (its intermediate, or a
+// remote step-ca's root), and the symmetric-key group (symkey_group,
+// default kiln-symkey) with the station's group key, when withKey (a push:
+// the key goes to the target only; an export would write it into a file,
+// which takes --group-key-file). A unit whose record names another group
+// is left for the pusher to refuse by name.
+func (be *batchEnv) stationGroups(ctx context.Context, e *env, units []*station.Unit, flag *cloudsync.Group, withKey bool) ([]*cloudsync.Group, error) {
+	x509ID, symID := be.c.X509Group, be.c.SymKeyGroup
+	if x509ID == "" {
+		x509ID = defaultX509Group
+	}
+	if symID == "" {
+		symID = defaultSymKeyGroup
+	}
+	var out []*cloudsync.Group
+	have := func(id string) bool {
+		for _, g := range out {
+			if strings.EqualFold(g.ID, id) {
+				return true
+			}
+		}
+		return false
+	}
+	var given []*cloudsync.Group
+	if flag != nil {
+		given = append(given, flag)
+	}
+	for _, u := range units {
+		if u.Method != station.MethodX509 && u.Method != station.MethodSymKey {
+			continue
+		}
+		if _, err := cloudsync.UnitGroup(u, given); err == nil {
+			continue
+		}
+		id := u.EnrollmentGroup
+		switch {
+		case u.Method == station.MethodX509 && (id == "" || strings.EqualFold(id, x509ID)):
+			if have(x509ID) {
+				continue
+			}
+			root, inters, err := caCerts(ctx, e, be.c)
+			if err != nil {
+				return nil, fmt.Errorf("the X.509 units of the batch register through enrollment group %s, signed by the station CA: %w", x509ID, err)
+			}
+			signing := root
+			if len(inters) > 0 {
+				signing = inters[0]
+			}
+			out = append(out, &cloudsync.Group{ID: x509ID, Attestation: dps.AttestationMechanism{Type: dps.AttestationX509,
+				X509: &dps.X509Attestation{SigningCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: cloudsync.CertificatePEM(signing.Raw)}}}}})
+		case u.Method == station.MethodSymKey && (id == "" || strings.EqualFold(id, symID)):
+			if have(symID) {
+				continue
+			}
+			if !withKey {
+				return nil, usagef("the batch's symmetric-key units register through group %s, whose key is a secret: to write it into the bulk file give --group-id %s --group-key-file FILE; csv and manifest exports name the group and each unit's key fingerprint without it", symID, symID)
+			}
+			g, err := openSymKeyGroup(ctx, e, be.c)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, &cloudsync.Group{ID: g.ID, Attestation: dps.AttestationMechanism{Type: dps.AttestationSymmetricKey,
+				SymmetricKey: &dps.SymmetricKeyAttestation{PrimaryKey: dps.EncodeKey(g.Key)}}})
+		}
+	}
+	return out, nil
 }
 
 // pusherFor builds the pusher of batch b's target.
@@ -473,7 +544,15 @@ func batchPush(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
-	p.Verify, p.Sample, p.Workers, p.Group, p.PerUnit = cloudsync.Verify(*verify), *sample, *workers, group, gf.perUnit
+	units, err := be.store.BatchUnits(ctx, id)
+	if err != nil {
+		return err
+	}
+	own, err := be.stationGroups(ctx, e, units, group, true)
+	if err != nil {
+		return err
+	}
+	p.Verify, p.Sample, p.Workers, p.Group, p.Groups, p.PerUnit = cloudsync.Verify(*verify), *sample, *workers, group, own, gf.perUnit
 	pl := newProgressLine(e, *asJSON, fmt.Sprintf("push batch %d to %s", b.ID, tg.Name))
 	p.Progress = pl.update
 	rep, err := p.Push(ctx, id)
@@ -583,7 +662,14 @@ func batchExport(ctx context.Context, e *env, args []string) error {
 	switch *format {
 	case "bulk":
 		var f *cloudsync.BulkFile
-		if f, err = cloudsync.BulkExport(b, units, group, gf.perUnit); err == nil {
+		var groups []*cloudsync.Group
+		if groups, err = be.stationGroups(ctx, e, units, group, false); err == nil {
+			if group != nil {
+				groups = append([]*cloudsync.Group{group}, groups...)
+			}
+			f, err = cloudsync.BulkExportGroups(b, units, groups, gf.perUnit)
+		}
+		if err == nil {
 			err = cloudsync.WriteBulkJSON(w, f)
 			step(len(units))
 		}

@@ -58,7 +58,7 @@ func batchUnits(t *testing.T, home string, n int) {
 func TestBatchPushEnableExportCLI(t *testing.T) {
 	home := t.TempDir()
 	batchUnits(t, home, 25)
-	emb, err := devserver.StartEmbedded(t.Context(), devserver.EmbeddedConfig{DataDir: t.TempDir()})
+	emb, err := devserver.StartEmbedded(t.Context(), devserver.EmbeddedConfig{DataDir: t.TempDir(), Quotas: devserver.DPSQuotas()})
 	if err != nil {
 		t.Fatal(err)
 	}
