@@ -434,7 +434,13 @@ func (s *Scenario) check() error {
 			return fail("fault wrong-ek needs method tpm: only TPM units have an EK enrolled")
 		}
 		if f.Kind == FaultExpiredCert && s.Method != station.MethodX509 {
-			return fail("fault expired-certificate needs method x509")
+			return fail("fault expired-certificate needs method x509: only X.509 units have a certificate")
+		}
+		if f.Kind == FaultDisabled && s.Method != station.MethodTPM {
+			return fail("fault disabled-enrollment needs method tpm: %s units register through an enrollment group (use disabled-group)", s.Method)
+		}
+		if f.Kind == FaultDisabledGroup && s.Method == station.MethodTPM {
+			return fail("fault disabled-group needs method x509 or symkey: TPM units have individual enrollments (use disabled-enrollment)")
 		}
 		if f.Kind == FaultDuplicateSerial && f.Units == nil {
 			return fail("fault duplicate-serial needs units=: the units that report unit 1's serial")

@@ -90,6 +90,8 @@ func TestScenarioParseErrors(t *testing.T) {
 		{"duplicate-serial all", base + "fault: duplicate-serial\n", "needs units="},
 		{"wrong-ek without tpm", "name: x\nmethod: symkey\nsimulated: 1\nexpect: pass\nfault: wrong-ek\n", "fault wrong-ek needs method tpm"},
 		{"expired cert without x509", base + "fault: expired-certificate\n", "fault expired-certificate needs method x509"},
+		{"disabled enrollment without tpm", "name: x\nmethod: x509\nsimulated: 1\nexpect: pass\nfault: disabled-enrollment\n", "fault disabled-enrollment needs method tpm: x509 units register through an enrollment group"},
+		{"disabled group with tpm", base + "fault: disabled-group\n", "fault disabled-group needs method x509 or symkey"},
 		{"dps fault without dps", base + "verify: off\nfault: throttle\n", "fault throttle acts on the DPS, but verify is off"},
 		{"bad dut-tpm", base + "dut-tpm: fpga\n", `dut-tpm "fpga": use sim`},
 		{"dut-tpm on ports", "name: x\nmethod: tpm\nport: /dev/ttyUSB0\ndut-tpm: swtpm\nexpect: pass\n", "s.scenario:4: dut-tpm is for simulated DUTs"},
