@@ -11,7 +11,6 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -273,103 +272,6 @@ func openStoreAt(t *testing.T, path string) interface {
 } {
 	t.Helper()
 	return openStore(t, filepath.Dir(path))
-}
-
-// BenchmarkSlots115200 provisions 8 simulated DUTs (each in its own
-// process with its own reference TPM, paced to 115200 8N1) with the
-// end-to-end check against one DPS, first on one slot, then on 8 slots,
-// and reports units per minute of each and their ratio. The DUTs are
-// plugged in (started) before the clock runs.
-func BenchmarkSlots115200(b *testing.B) {
-	const units = 8
-	ctx := context.Background()
-	home := b.TempDir()
-	c, err := loadConfig(&env{getenv: func(k string) string {
-		if k == "KILN_HOME" {
-			return home
-		}
-		return ""
-	}})
-	if err != nil {
-		b.Fatal(err)
-	}
-	e := &env{stdout: os.Stderr, stderr: os.Stderr, getenv: func(string) string { return "" }, logLevel: slog.LevelError}
-	bench, err := newQABench(ctx, e, c, b.TempDir())
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer bench.Close()
-	sc, err := qa.Parse("bench", []byte("name: bench\nmethod: tpm\nsimulated: 8\nline-rate: 115200\nexpect: pass\n"))
-	if err != nil {
-		b.Fatal(err)
-	}
-	st, err := bench.Open(ctx, sc)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer st.Close()
-	// provision starts units DUTs, then provisions them on slots and
-	// returns the wall time of the provisioning.
-	provision := func(slots int) time.Duration {
-		b.StopTimer()
-		duts := make([]qa.DUT, units)
-		var wg sync.WaitGroup
-		errs := make([]error, units)
-		for i := range duts {
-			wg.Go(func() {
-				duts[i], errs[i] = st.StartDUT(ctx, qa.DUTSpec{Serial: fmt.Sprintf("BENCH-%d-%d-%d", slots, i, time.Now().UnixNano()), LineRate: 115200})
-			})
-		}
-		wg.Wait()
-		for _, err := range errs {
-			if err != nil {
-				b.Fatal(err)
-			}
-		}
-		defer func() {
-			for _, d := range duts {
-				d.Close()
-			}
-		}()
-		b.StartTimer()
-		start := time.Now()
-		next := make(chan qa.DUT)
-		fails := make(chan error, units)
-		var pw sync.WaitGroup
-		for range slots {
-			pw.Go(func() {
-				for d := range next {
-					if _, err := st.Provision(ctx, station.Request{Port: d.Port(), Operator: "bench"}); err != nil {
-						fails <- err
-					}
-				}
-			})
-		}
-		for _, d := range duts {
-			next <- d
-		}
-		close(next)
-		pw.Wait()
-		elapsed := time.Since(start)
-		b.StopTimer()
-		close(fails)
-		for err := range fails {
-			b.Fatal(err)
-		}
-		b.StartTimer()
-		return elapsed
-	}
-	var one, eight time.Duration
-	iters := 0
-	for b.Loop() {
-		one += provision(1)
-		eight += provision(8)
-		iters++
-	}
-	perMin := func(d time.Duration) float64 { return float64(units*iters) / d.Minutes() }
-	b.ReportMetric(perMin(one), "units/min-1slot")
-	b.ReportMetric(perMin(eight), "units/min-8slots")
-	b.ReportMetric(float64(one)/float64(eight), "x-1slot")
 }
 
 // TestQARealPorts runs a scenario on ports, as a bench with real DUTs
