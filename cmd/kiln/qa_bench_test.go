@@ -23,8 +23,9 @@ import (
 const slotsUnits = 8
 
 // slotsMinRounds is the fewest rounds BenchmarkSlots115200 runs, whatever
-// b.N: one round takes about 15 s, so -benchtime=1s would give one round
-// and a ratio at the mercy of one burst of load from elsewhere.
+// -benchtime says: one round takes about 15 s, so -benchtime=1s would give
+// one round and a ratio at the mercy of one burst of load from elsewhere.
+// The rounds b.Loop does not ask for run after it, untimed.
 const slotsMinRounds = 3
 
 // BenchmarkSlots115200 measures multi-slot provisioning: units per minute
@@ -77,10 +78,10 @@ func BenchmarkSlots115200(b *testing.B) {
 	qs := st.(*qaStation)
 	// provision starts the DUTs, then provisions them on slots and returns
 	// the wall time of the provisioning and the CPU time spent in it.
-	// Rounds beyond b.N run with the timer stopped, so that ns/op stays
-	// the time of one round.
-	provision := func(round, slots int) (wall, cpu time.Duration) {
-		timed := round < b.N
+	// Untimed rounds (those run after b.Loop to reach slotsMinRounds) keep
+	// the benchmark timer stopped, so that ns/op stays the time of one
+	// timed round.
+	provision := func(round, slots int, timed bool) (wall, cpu time.Duration) {
 		b.StopTimer()
 		duts := make([]*simChild, slotsUnits)
 		errs := make([]error, slotsUnits)
@@ -96,6 +97,9 @@ func BenchmarkSlots115200(b *testing.B) {
 				if d != nil {
 					d.Close()
 				}
+			}
+			if timed {
+				b.StartTimer() // b.Loop must find it running
 			}
 		}()
 		for _, err := range errs {
@@ -136,26 +140,36 @@ func BenchmarkSlots115200(b *testing.B) {
 	}
 	var one, eight, cpu8 time.Duration
 	var ratios []float64
-	rounds := max(b.N, slotsMinRounds)
-	b.ResetTimer()
-	for r := range rounds {
+	rounds := 0
+	round := func(timed bool) {
 		var w1, w8, c8 time.Duration
-		if r%2 == 0 {
-			w1, _ = provision(r, 1)
-			w8, c8 = provision(r, slotsUnits)
+		if rounds%2 == 0 {
+			w1, _ = provision(rounds, 1, timed)
+			w8, c8 = provision(rounds, slotsUnits, timed)
 		} else {
-			w8, c8 = provision(r, slotsUnits)
-			w1, _ = provision(r, 1)
+			w8, c8 = provision(rounds, slotsUnits, timed)
+			w1, _ = provision(rounds, 1, timed)
 		}
 		one, eight, cpu8 = one+w1, eight+w8, cpu8+c8
 		ratios = append(ratios, float64(w1)/float64(w8))
+		rounds++
+	}
+	for b.Loop() {
+		round(true)
+	}
+	for rounds < slotsMinRounds {
+		round(false)
 	}
 	slices.Sort(ratios)
+	median := ratios[len(ratios)/2]
+	if len(ratios)%2 == 0 {
+		median = (median + ratios[len(ratios)/2-1]) / 2
+	}
 	perMin := func(d time.Duration) float64 { return float64(slotsUnits*rounds) / d.Minutes() }
 	b.ReportMetric(float64(rounds), "rounds")
 	b.ReportMetric(perMin(one), "units/min-1slot")
 	b.ReportMetric(perMin(eight), "units/min-8slots")
-	b.ReportMetric(ratios[len(ratios)/2], "x-1slot")
+	b.ReportMetric(median, "x-1slot")
 	b.ReportMetric(ratios[0], "x-1slot-low")
 	b.ReportMetric(ratios[len(ratios)-1], "x-1slot-high")
 	b.ReportMetric(float64(cpu8)/float64(eight)/float64(runtime.NumCPU()), "cpu-util-8slots")
