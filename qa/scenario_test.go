@@ -92,6 +92,8 @@ func TestScenarioParseErrors(t *testing.T) {
 		{"expired cert without x509", base + "fault: expired-certificate\n", "fault expired-certificate needs method x509"},
 		{"disabled enrollment without tpm", "name: x\nmethod: x509\nsimulated: 1\nexpect: pass\nfault: disabled-enrollment\n", "fault disabled-enrollment needs method tpm: x509 units register through an enrollment group"},
 		{"disabled group with tpm", base + "fault: disabled-group\n", "fault disabled-group needs method x509 or symkey"},
+		{"throttle count and quota", base + "fault: throttle count=2 quota=5\n", "count= (a front throttles each registration's first requests) or quota= (the DPS's own quota), not both"},
+		{"throttle bad quota", base + "fault: throttle quota=0\n", "fault throttle quota: \"0\" is not a whole number from 1 to 100000"},
 		{"dps fault without dps", base + "verify: off\nfault: throttle\n", "fault throttle acts on the DPS, but verify is off"},
 		{"bad dut-tpm", base + "dut-tpm: fpga\n", `dut-tpm "fpga": use sim`},
 		{"dut-tpm on ports", "name: x\nmethod: tpm\nport: /dev/ttyUSB0\ndut-tpm: swtpm\nexpect: pass\n", "s.scenario:4: dut-tpm is for simulated DUTs"},

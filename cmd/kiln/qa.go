@@ -219,7 +219,13 @@ func (b *qaBench) Open(ctx context.Context, sc *qa.Scenario) (qa.Station, error)
 	// the devserver logs no keys, tokens or blobs.
 	st.dpsLog = &lockedWriter{}
 	dpsLog := slog.New(slog.NewTextHandler(st.dpsLog, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	emb, err := startQADPS(ctx, filepath.Join(b.out, "dps", sc.Name), dpsNow, dpsLog)
+	var quotas devserver.Quotas
+	if f, ok := sc.Fault(qa.FaultThrottle); ok && f.Quota > 0 {
+		// The DPS's own quota (as kiln serve holds DPS's), not the front.
+		quotas.RegistrationsPerMinute = f.Quota
+		st.quota = f.Quota
+	}
+	emb, err := startQADPS(ctx, filepath.Join(b.out, "dps", sc.Name), dpsNow, dpsLog, quotas)
 	if err != nil {
 		return nil, fmt.Errorf("start the scenario's DPS: %w", err)
 	}
@@ -230,7 +236,7 @@ func (b *qaBench) Open(ctx context.Context, sc *qa.Scenario) (qa.Station, error)
 		return nil, err
 	}
 	endpoint := emb.DPS.Endpoint()
-	if f, ok := sc.Fault(qa.FaultThrottle); ok {
+	if f, ok := sc.Fault(qa.FaultThrottle); ok && f.Quota == 0 {
 		st.throttle = &throttle{next: emb.DPS.Handler(), count: f.Count, seen: map[string]int{}}
 		if endpoint, err = st.serveFront(emb.tls); err != nil {
 			st.Close()
@@ -353,8 +359,9 @@ type qaDPS struct {
 }
 
 // startQADPS starts a DPS and its hub like devserver.StartEmbedded, with
-// the DPS's clock given (the clock-skew fault).
-func startQADPS(ctx context.Context, dir string, now func() time.Time, log *slog.Logger) (*qaDPS, error) {
+// the DPS's clock (the clock-skew fault) and quotas (the throttle fault's
+// quota=) given.
+func startQADPS(ctx context.Context, dir string, now func() time.Time, log *slog.Logger, quotas devserver.Quotas) (*qaDPS, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -369,7 +376,7 @@ func startQADPS(ctx context.Context, dir string, now func() time.Time, log *slog
 	hubAddr := l.Addr().String()
 	l.Close()
 	tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
-	srv, err := devserver.New(devserver.Config{Addr: "127.0.0.1:0", TLS: tc, DataDir: dir, Now: now, Logger: log, RetryAfter: time.Second,
+	srv, err := devserver.New(devserver.Config{Addr: "127.0.0.1:0", TLS: tc, DataDir: dir, Now: now, Logger: log, RetryAfter: time.Second, Quotas: quotas,
 		Hubs: []devserver.LinkedHub{{Name: hubAddr, Weight: 1, ApplyAllocationPolicy: true}}})
 	if err != nil {
 		return nil, err
@@ -410,6 +417,7 @@ type qaStation struct {
 	throttle *throttle
 	front    *http.Server
 	idScope  string
+	quota    int // the DPS's registrations per minute; 0: not throttled
 	dpsLog   *lockedWriter
 	closeCA  func() // the scenario's CA, when it has one
 	caInfo   string // what the report says of it
@@ -468,6 +476,9 @@ func (s *qaStation) Evidence(ctx context.Context) []qa.Evidence {
 	}
 	if s.throttle != nil {
 		f = append(f, fmt.Sprintf("the DPS front answered 429 (retry-after 1) to %d of %d device requests", s.throttle.throttled.Load(), s.throttle.requests.Load()))
+	}
+	if s.quota > 0 {
+		f = append(f, fmt.Sprintf("the DPS held a quota of %d device registrations per minute (its own throttle: 429 with the retry-after of its sliding window; kiln_dps_throttled_total below)", s.quota))
 	}
 	if n := s.enroller.wrong.Load(); n > 0 {
 		f = append(f, fmt.Sprintf("%d enrollments were written with another TPM's EK", n))

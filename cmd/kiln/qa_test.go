@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -133,10 +134,13 @@ func TestQARunScenarioLibrary(t *testing.T) {
 		"answered 429 (retry-after 1) to", "the DPS clock ran 2h0m0s ahead", "kiln_dps_registrations_total",
 		"token expired at", "The enrollment is disabled", "assignment done",
 		"was disabled through the DPS service API after the station ensured it", "so every leaf expired 552h0m0s before it was issued",
-		"the DPS logged: attest X.509 device: the client certificate of"} {
+		"the DPS logged: attest X.509 device: the client certificate of", "the DPS held a quota of 2 device registrations per minute"} {
 		if !strings.Contains(string(html), want) {
 			t.Errorf("the HTML report's evidence lacks %q", want)
 		}
+	}
+	if !regexp.MustCompile(`kiln_dps_throttled_total [1-9]`).Match(html) {
+		t.Error("no DPS counted a throttled request: the quota scenario's DPS did not throttle")
 	}
 }
 
