@@ -580,9 +580,11 @@ func (t *throttle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	t.next.ServeHTTP(w, r)
 }
 
-// qaEnroller creates the units' enrollments through the DPS service API
-// as the station's end-to-end check does (dpsCheck, whose other methods it
-// keeps), with the enrollment faults done to TPM enrollments.
+// qaEnroller creates the units' enrollments and ensures the enrollment
+// groups through the DPS service API as the station's end-to-end check does
+// (dpsCheck, whose other methods it keeps), with the enrollment faults done
+// to them: wrong-ek and disabled-enrollment to TPM enrollments,
+// disabled-group to the X.509 and symmetric-key groups.
 type qaEnroller struct {
 	*dpsCheck
 	wrongEK      []byte // non-nil: enrol this EK instead of the unit's
