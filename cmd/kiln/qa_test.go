@@ -11,6 +11,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -23,8 +24,9 @@ import (
 // TestMain lets the test binary be kiln: `kiln qa run` starts its
 // simulated DUTs as `kiln simulate` child processes of os.Executable(),
 // which is this binary under go test.
+// (Fuzzing workers are children of the test binary too: they stay tests.)
 func TestMain(m *testing.M) {
-	if os.Getenv("KILN_TEST_AS_KILN") == "1" {
+	if os.Getenv("KILN_TEST_AS_KILN") == "1" && !slices.ContainsFunc(os.Args[1:], func(a string) bool { return strings.HasPrefix(a, "-test.fuzzworker") }) {
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		code := run(ctx, os.Args[1:], &env{stdout: os.Stdout, stderr: os.Stderr, getenv: os.Getenv})
 		stop()
@@ -429,4 +431,17 @@ func TestRefusalReason(t *testing.T) {
 			t.Errorf("refusalReason(%s) = %q, want %q", tt.regID, got, tt.want)
 		}
 	}
+}
+
+// FuzzRefusalReason feeds refusalReason arbitrary DPS logs (whose lines
+// quote what devices sent: registration IDs, certificate names): it must
+// not panic, and it returns a reason only from a refused request's line.
+func FuzzRefusalReason(f *testing.F) {
+	f.Add(`time=T level=INFO msg="request refused" component=devserver method=PUT path=/0ne001/registrations/dev-a/register status=401 err="a \"quoted\" reason"`, "dev-a")
+	f.Fuzz(func(t *testing.T, log, regID string) {
+		why := refusalReason(log, regID)
+		if why != "" && !strings.Contains(log, `msg="request refused"`) {
+			t.Fatalf("reason %q from a log without a refusal", why)
+		}
+	})
 }
