@@ -90,7 +90,7 @@ func property(r junitReport, suite, name string) string {
 // per scenario: every one, of every method, meets its expectation.
 func TestQARunScenarioLibrary(t *testing.T) {
 	if testing.Short() {
-		t.Skip("runs every built-in scenario (about half a minute)")
+		t.Skip("runs every built-in scenario (about 100 s, a minute of it symkey-dps-quota waiting out the DPS's quota)")
 	}
 	home, out := t.TempDir(), t.TempDir()
 	code, stdout, stderr := kiln(t, home, "qa", "run", "--out", out, "../../docs/qa")
