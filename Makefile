@@ -102,15 +102,15 @@ e2e: build
 ## qa: the built-in QA scenarios of docs/qa on simulated DUTs; reports in bin/qa/.
 qa: build
 	rm -rf $(BIN)/qa
-	$(KILN) qa run --allow-unavailable --out $(BIN)/qa docs/qa
+	$(KILN) qa run --out $(BIN)/qa docs/qa
 
 ## qa-screenshot: docs/qa/report.png, the HTML report of a few scenarios in
 ## headless Chromium (Debian's chromium package).
-QA_SHOT := tpm-golden tpm-repeat-slots tpm-dut-drops-out tpm-throttled-dps tpm-wrong-ek x509-golden
+QA_SHOT := tpm-golden x509-golden symkey-golden tpm-dut-drops-out x509-expired-certificate symkey-disabled-group tpm-throttled-dps
 qa-screenshot: build
 	@$(MAKE) --no-print-directory apt-install PKGS="chromium"
 	rm -rf $(BIN)/qa-shot
-	$(KILN) qa run --allow-unavailable --out $(BIN)/qa-shot $(patsubst %,docs/qa/%.scenario,$(QA_SHOT))
+	$(KILN) qa run --out $(BIN)/qa-shot $(patsubst %,docs/qa/%.scenario,$(QA_SHOT))
 	chromium --headless --no-sandbox --disable-gpu --hide-scrollbars --window-size=1180,1900 \
 	  --screenshot=$(CURDIR)/docs/qa/report.png file://$(BIN)/qa-shot/report.html
 

@@ -162,6 +162,12 @@ var stepColors = map[string]string{
 	station.StepHub:        "#33a02c",
 	station.StepProduction: "#b15928",
 	station.StepRecord:     "#6a3d9a",
+	// The X.509 and symmetric-key methods' own steps stand where read-ek
+	// and validate-ek-cert stand for TPM units.
+	station.StepGenerateKey: "#fb9a99",
+	station.StepIssue:       "#17becf",
+	station.StepWriteChain:  "#cab2d6",
+	station.StepWriteKey:    "#fdbf6f",
 }
 
 // chart draws one row per unit: its steps as bars on a time axis from the

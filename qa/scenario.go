@@ -57,7 +57,7 @@ const (
 	FaultDisabled        FaultKind = "disabled-enrollment" // the enrollment is disabled
 	FaultExpiredCert     FaultKind = "expired-certificate" // the device certificate has expired (x509)
 	FaultDisabledGroup   FaultKind = "disabled-group"      // the enrollment group is disabled
-	FaultThrottle        FaultKind = "throttle"            // DPS answers 429 to count=N device requests (or always)
+	FaultThrottle        FaultKind = "throttle"            // DPS answers 429 to count=N device requests (or always), or holds quota=N registrations per minute
 	FaultWrongIDScope    FaultKind = "wrong-id-scope"      // the DUT is given an ID scope the DPS does not have
 	FaultClockSkew       FaultKind = "clock-skew"          // the DPS's clock is by=DURATION ahead of the DUT's
 )
@@ -72,7 +72,7 @@ var faultArgs = map[FaultKind][]string{
 	FaultDisabled:        nil,
 	FaultExpiredCert:     nil,
 	FaultDisabledGroup:   nil,
-	FaultThrottle:        {"count"},
+	FaultThrottle:        {"count", "quota"},
 	FaultWrongIDScope:    nil,
 	FaultClockSkew:       {"by"},
 }
@@ -92,10 +92,12 @@ type Fault struct {
 	Kind  FaultKind
 	Units []int // 1-based units of each repetition; nil: every unit
 	// The arguments, by fault: After (dut-drop), Delay (delay), Count
-	// (throttle; -1 is always), Skew (clock-skew).
+	// (throttle; -1 is always), Quota (throttle: the DPS's own quota of
+	// device registrations per minute instead of Count), Skew (clock-skew).
 	After int
 	Delay time.Duration
 	Count int
+	Quota int
 	Skew  time.Duration
 }
 
@@ -108,7 +110,9 @@ func (f Fault) String() string {
 	case FaultDelay:
 		s += " d=" + f.Delay.String()
 	case FaultThrottle:
-		if f.Count < 0 {
+		if f.Quota > 0 {
+			s += " quota=" + strconv.Itoa(f.Quota)
+		} else if f.Count < 0 {
 			s += " count=always"
 		} else {
 			s += " count=" + strconv.Itoa(f.Count)
@@ -434,7 +438,13 @@ func (s *Scenario) check() error {
 			return fail("fault wrong-ek needs method tpm: only TPM units have an EK enrolled")
 		}
 		if f.Kind == FaultExpiredCert && s.Method != station.MethodX509 {
-			return fail("fault expired-certificate needs method x509")
+			return fail("fault expired-certificate needs method x509: only X.509 units have a certificate")
+		}
+		if f.Kind == FaultDisabled && s.Method != station.MethodTPM {
+			return fail("fault disabled-enrollment needs method tpm: %s units register through an enrollment group (use disabled-group)", s.Method)
+		}
+		if f.Kind == FaultDisabledGroup && s.Method == station.MethodTPM {
+			return fail("fault disabled-group needs method x509 or symkey: TPM units have individual enrollments (use disabled-enrollment)")
 		}
 		if f.Kind == FaultDuplicateSerial && f.Units == nil {
 			return fail("fault duplicate-serial needs units=: the units that report unit 1's serial")
@@ -478,6 +488,10 @@ func parseFault(val string) (Fault, error) {
 			if f.Delay, err = time.ParseDuration(v); err != nil || f.Delay <= 0 || f.Delay > time.Minute {
 				return Fault{}, fmt.Errorf("fault %s d=%q: a duration up to 1m, like 50ms", f.Kind, clip(v))
 			}
+		case k == "quota":
+			if f.Quota, err = boundedInt(v, 1, 100000); err != nil {
+				return Fault{}, fmt.Errorf("fault %s quota: %v (device registrations per minute)", f.Kind, err)
+			}
 		case k == "count":
 			if v == "always" {
 				f.Count = -1
@@ -490,7 +504,20 @@ func parseFault(val string) (Fault, error) {
 			}
 		}
 	}
+	if f.Kind == FaultThrottle && f.Quota > 0 && findArg(words[1:], "count") != "" {
+		return Fault{}, fmt.Errorf("fault throttle takes count= (a front throttles each registration's first requests) or quota= (the DPS's own quota), not both")
+	}
 	return f, nil
+}
+
+// findArg returns the word of words that is key=..., or "".
+func findArg(words []string, key string) string {
+	for _, w := range words {
+		if strings.HasPrefix(w, key+"=") {
+			return w
+		}
+	}
+	return ""
 }
 
 func parseExpect(val string) (Expect, error) {

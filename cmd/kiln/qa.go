@@ -31,6 +31,7 @@ import (
 	"github.com/kilnworks/kiln/dps"
 	"github.com/kilnworks/kiln/hsm"
 	"github.com/kilnworks/kiln/link"
+	"github.com/kilnworks/kiln/pki"
 	"github.com/kilnworks/kiln/qa"
 	"github.com/kilnworks/kiln/station"
 	"github.com/kilnworks/kiln/station/sqlite"
@@ -207,14 +208,6 @@ func (b *qaBench) Close() error { return b.store.Close() }
 
 // Open builds the station of one scenario.
 func (b *qaBench) Open(ctx context.Context, sc *qa.Scenario) (qa.Station, error) {
-	if _, ok := sc.Fault(qa.FaultDisabled); ok && sc.Method != station.MethodTPM {
-		return nil, fmt.Errorf("fault disabled-enrollment is %w for method %s: the station disables TPM enrollments only", qa.ErrNotAvailable, sc.Method)
-	}
-	for _, k := range []qa.FaultKind{qa.FaultExpiredCert, qa.FaultDisabledGroup} {
-		if _, ok := sc.Fault(k); ok {
-			return nil, fmt.Errorf("fault %s is %w: it needs the X.509 and symmetric-key methods, with enrollment groups, in the station's provisioner", k, qa.ErrNotAvailable)
-		}
-	}
 	log := b.e.logger()
 	st := &qaStation{bench: b, sc: sc}
 	var skew time.Duration
@@ -226,7 +219,13 @@ func (b *qaBench) Open(ctx context.Context, sc *qa.Scenario) (qa.Station, error)
 	// the devserver logs no keys, tokens or blobs.
 	st.dpsLog = &lockedWriter{}
 	dpsLog := slog.New(slog.NewTextHandler(st.dpsLog, &slog.HandlerOptions{Level: slog.LevelInfo}))
-	emb, err := startQADPS(ctx, filepath.Join(b.out, "dps", sc.Name), dpsNow, dpsLog)
+	var quotas devserver.Quotas
+	if f, ok := sc.Fault(qa.FaultThrottle); ok && f.Quota > 0 {
+		// The DPS's own quota (as kiln serve holds DPS's), not the front.
+		quotas.RegistrationsPerMinute = f.Quota
+		st.quota = f.Quota
+	}
+	emb, err := startQADPS(ctx, filepath.Join(b.out, "dps", sc.Name), dpsNow, dpsLog, quotas)
 	if err != nil {
 		return nil, fmt.Errorf("start the scenario's DPS: %w", err)
 	}
@@ -237,7 +236,7 @@ func (b *qaBench) Open(ctx context.Context, sc *qa.Scenario) (qa.Station, error)
 		return nil, err
 	}
 	endpoint := emb.DPS.Endpoint()
-	if f, ok := sc.Fault(qa.FaultThrottle); ok {
+	if f, ok := sc.Fault(qa.FaultThrottle); ok && f.Quota == 0 {
 		st.throttle = &throttle{next: emb.DPS.Handler(), count: f.Count, seen: map[string]int{}}
 		if endpoint, err = st.serveFront(emb.tls); err != nil {
 			st.Close()
@@ -253,7 +252,13 @@ func (b *qaBench) Open(ctx context.Context, sc *qa.Scenario) (qa.Station, error)
 		}
 	}
 	_, enr.disabled = sc.Fault(qa.FaultDisabled)
+	_, enr.disableGroup = sc.Fault(qa.FaultDisabledGroup)
 	st.enroller = enr
+	issuer, symKey, err := st.openMethod(ctx)
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
 	verify := station.DeviceConfig{IDScope: emb.DPS.IDScope(), GlobalEndpoint: endpoint, TrustBundle: string(emb.TrustPEM), Method: sc.Method}
 	if _, ok := sc.Fault(qa.FaultWrongIDScope); ok {
 		verify.IDScope = "0ne00QA0000"
@@ -273,15 +278,78 @@ func (b *qaBench) Open(ctx context.Context, sc *qa.Scenario) (qa.Station, error)
 		},
 		Endorser: hsm.Endorser{},
 		Verifier: roots,
-		Profile:  station.Profile{Station: b.c.Station, Method: sc.Method, RegID: station.RegIDFromEK, EKCertPolicy: sc.EKCertPolicy},
+		Profile:  station.Profile{Station: b.c.Station, Method: sc.Method, RegID: station.RegIDFromEK, EKCertPolicy: sc.EKCertPolicy, KeyType: b.c.DeviceKeyType},
 		Logger:   log,
-		EndToEnd: &station.EndToEnd{Enroller: enr, Observer: check, Verify: verify, Timeout: sc.Timeout},
+		EndToEnd: &station.EndToEnd{Enroller: enr, Observer: check, Verify: verify, Timeout: sc.Timeout, X509Group: b.c.X509Group},
 		Batches:  b.store,
+		Issuer:   issuer,
+		SymKey:   symKey,
 	}
 	if !sc.Verify {
 		st.p.EndToEnd = nil
 	}
 	return st, nil
+}
+
+// expiredBackdate and expiredValidity make the leaves of a scenario with
+// the expired-certificate fault: its CA's clock runs 30 days behind and
+// leaves are valid 7 days, so each leaf expired 23 days before it is
+// issued.
+const (
+	expiredBackdate = 30 * 24 * time.Hour
+	expiredValidity = 7 * 24 * time.Hour
+)
+
+// openMethod opens what the scenario's method needs, as newProvisioner
+// does for the station: for x509 a station CA, for symkey a group key. Each
+// scenario has its own, in OUT/station/NAME (sealed with the station's CA
+// passphrase, or a passphrase file made there), so that a back-dated CA
+// stays in its scenario. The station's remote CA or PKCS#11 token is not
+// used: QA issues from throwaway CAs only.
+func (s *qaStation) openMethod(ctx context.Context) (station.Issuer, *station.SymKeyGroup, error) {
+	if s.sc.Method != station.MethodX509 && s.sc.Method != station.MethodSymKey {
+		return nil, nil, nil
+	}
+	c := *s.bench.c
+	c.Home = filepath.Join(s.bench.out, "station", s.sc.Name)
+	c.CA.Remote, c.CA.PKCS11 = nil, ""
+	if err := os.MkdirAll(c.Home, 0o700); err != nil {
+		return nil, nil, fmt.Errorf("create the scenario's station folder: %w", err)
+	}
+	if s.sc.Method == station.MethodSymKey {
+		g, err := openSymKeyGroup(ctx, s.bench.e, &c)
+		return nil, g, err
+	}
+	now := time.Now
+	if _, ok := s.sc.Fault(qa.FaultExpiredCert); ok {
+		now = func() time.Time { return time.Now().Add(-expiredBackdate) }
+		c.CA.ValidityDays = int(expiredValidity / (24 * time.Hour))
+	}
+	keys, closeKeys, err := caKeys(ctx, s.bench.e, &c)
+	if err != nil {
+		return nil, nil, err
+	}
+	cfg, err := c.pkiConfig(keys, s.bench.e)
+	if err != nil {
+		closeKeys()
+		return nil, nil, err
+	}
+	cfg.Now = now
+	ca, err := pki.Open(ctx, cfg)
+	if err != nil {
+		closeKeys()
+		return nil, nil, fmt.Errorf("open the scenario's station CA in %s: %w", c.caDir(), err)
+	}
+	s.closeCA = func() { ca.Close(); closeKeys() }
+	days := c.CA.ValidityDays
+	if days == 0 {
+		days = 365
+	}
+	s.caInfo = fmt.Sprintf("the scenario's station CA: %s in %s, leaves valid %d days", ca.Intermediate().Subject.CommonName, c.caDir(), days)
+	if _, ok := s.sc.Fault(qa.FaultExpiredCert); ok {
+		s.caInfo += fmt.Sprintf("; its clock ran %s behind, so every leaf expired %s before it was issued", expiredBackdate, expiredBackdate-expiredValidity)
+	}
+	return &stationIssuer{ca: ca, signing: ca.Intermediate(), now: now}, nil, nil
 }
 
 // qaDPS is a scenario's DPS and hub, and the TLS configuration they serve.
@@ -291,8 +359,9 @@ type qaDPS struct {
 }
 
 // startQADPS starts a DPS and its hub like devserver.StartEmbedded, with
-// the DPS's clock given (the clock-skew fault).
-func startQADPS(ctx context.Context, dir string, now func() time.Time, log *slog.Logger) (*qaDPS, error) {
+// the DPS's clock (the clock-skew fault) and quotas (the throttle fault's
+// quota=) given.
+func startQADPS(ctx context.Context, dir string, now func() time.Time, log *slog.Logger, quotas devserver.Quotas) (*qaDPS, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -307,7 +376,7 @@ func startQADPS(ctx context.Context, dir string, now func() time.Time, log *slog
 	hubAddr := l.Addr().String()
 	l.Close()
 	tc := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
-	srv, err := devserver.New(devserver.Config{Addr: "127.0.0.1:0", TLS: tc, DataDir: dir, Now: now, Logger: log, RetryAfter: time.Second,
+	srv, err := devserver.New(devserver.Config{Addr: "127.0.0.1:0", TLS: tc, DataDir: dir, Now: now, Logger: log, RetryAfter: time.Second, Quotas: quotas,
 		Hubs: []devserver.LinkedHub{{Name: hubAddr, Weight: 1, ApplyAllocationPolicy: true}}})
 	if err != nil {
 		return nil, err
@@ -348,19 +417,46 @@ type qaStation struct {
 	throttle *throttle
 	front    *http.Server
 	idScope  string
+	quota    int // the DPS's registrations per minute; 0: not throttled
 	dpsLog   *lockedWriter
+	closeCA  func() // the scenario's CA, when it has one
+	caInfo   string // what the report says of it
 
 	closeOnce sync.Once
 }
 
+// Provision provisions a unit. When the DPS refused the unit's
+// registration, the DUT only knows the answer's status and code (a DPS
+// tells a device no more); the DPS's reason, from its log, is added to the
+// error so that the report says why.
 func (s *qaStation) Provision(ctx context.Context, req station.Request) (*station.Run, error) {
 	r, err := s.p.Provision(ctx, req)
-	if r == nil && err != nil && s.sc.Method != station.MethodTPM && station.KindOf(err) == station.KindInvalid {
-		// The provisioner refuses a method it does not have before it
-		// records anything.
-		return nil, fmt.Errorf("method %s is %w (%v)", s.sc.Method, qa.ErrNotAvailable, err)
+	if err != nil && r != nil && r.RegistrationID != "" && s.dpsLog != nil {
+		if why := refusalReason(s.dpsLog.String(), r.RegistrationID); why != "" {
+			err = fmt.Errorf("%w; the DPS logged: %s", err, why)
+		}
 	}
 	return r, err
+}
+
+var refusedRE = regexp.MustCompile(`msg="request refused" .*path=/[^/ ]+/registrations/([^/ ]+)/\S* .*err="((?:[^"\\]|\\.)*)"`)
+
+// refusalReason returns the reason of the last device request of regID the
+// DPS refused, from its text log; "" when it refused none.
+func refusalReason(log, regID string) string {
+	why := ""
+	for _, l := range strings.Split(log, "\n") {
+		m := refusedRE.FindStringSubmatch(l)
+		if m == nil || !strings.EqualFold(m[1], regID) {
+			continue
+		}
+		if u, err := strconv.Unquote(`"` + m[2] + `"`); err == nil {
+			why = u
+		} else {
+			why = m[2]
+		}
+	}
+	return why
 }
 
 func (s *qaStation) StartDUT(ctx context.Context, spec qa.DUTSpec) (qa.DUT, error) {
@@ -381,11 +477,20 @@ func (s *qaStation) Evidence(ctx context.Context) []qa.Evidence {
 	if s.throttle != nil {
 		f = append(f, fmt.Sprintf("the DPS front answered 429 (retry-after 1) to %d of %d device requests", s.throttle.throttled.Load(), s.throttle.requests.Load()))
 	}
+	if s.quota > 0 {
+		f = append(f, fmt.Sprintf("the DPS held a quota of %d device registrations per minute (its own throttle: 429 with the retry-after of its sliding window; kiln_dps_throttled_total below)", s.quota))
+	}
 	if n := s.enroller.wrong.Load(); n > 0 {
 		f = append(f, fmt.Sprintf("%d enrollments were written with another TPM's EK", n))
 	}
 	if n := s.enroller.disabledN.Load(); n > 0 {
 		f = append(f, fmt.Sprintf("%d enrollments were written disabled", n))
+	}
+	if s.caInfo != "" {
+		f = append(f, s.caInfo)
+	}
+	if g := s.enroller.groupDisabled.Load(); g != nil {
+		f = append(f, fmt.Sprintf("enrollment group %s was disabled through the DPS service API after the station ensured it", *g))
 	}
 	ev = append(ev, qa.Evidence{Name: "station and faults", Text: strings.Join(f, "\n")})
 	// The DPS's own counters, read from its /metrics as Prometheus would.
@@ -419,6 +524,9 @@ func (s *qaStation) Close() error {
 		}
 		if s.dps != nil {
 			s.dps.Close()
+		}
+		if s.closeCA != nil {
+			s.closeCA()
 		}
 	})
 	return nil
@@ -472,15 +580,21 @@ func (t *throttle) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	t.next.ServeHTTP(w, r)
 }
 
-// qaEnroller creates the units' enrollments through the DPS service API
-// as the station's end-to-end check does (dpsCheck, whose other methods it
-// keeps), with the enrollment faults done to TPM enrollments.
+// qaEnroller creates the units' enrollments and ensures the enrollment
+// groups through the DPS service API as the station's end-to-end check does
+// (dpsCheck, whose other methods it keeps), with the enrollment faults done
+// to them: wrong-ek and disabled-enrollment to TPM enrollments,
+// disabled-group to the X.509 and symmetric-key groups.
 type qaEnroller struct {
 	*dpsCheck
-	wrongEK   []byte // non-nil: enrol this EK instead of the unit's
-	disabled  bool
-	wrong     atomic.Int64
-	disabledN atomic.Int64
+	wrongEK      []byte // non-nil: enrol this EK instead of the unit's
+	disabled     bool
+	disableGroup bool // disable the enrollment group once the station ensured it
+	wrong        atomic.Int64
+	disabledN    atomic.Int64
+
+	groupMu       sync.Mutex
+	groupDisabled atomic.Pointer[string] // the group disabled, once it is
 }
 
 func (q *qaEnroller) EnrollTPM(ctx context.Context, regID string, ekPublic []byte) error {
@@ -495,6 +609,48 @@ func (q *qaEnroller) EnrollTPM(ctx context.Context, regID string, ekPublic []byt
 	}
 	_, err := q.dpsCheck.svc.PutEnrollment(ctx, en, "")
 	return err
+}
+
+// EnsureX509Group ensures the group as the station does; with the
+// disabled-group fault it then disables it (see disableAfter).
+func (q *qaEnroller) EnsureX509Group(ctx context.Context, groupID string, signingCert []byte) error {
+	return q.disableAfter(ctx, groupID, func() error { return q.dpsCheck.EnsureX509Group(ctx, groupID, signingCert) })
+}
+
+// EnsureSymKeyGroup ensures the group as the station does; with the
+// disabled-group fault it then disables it (see disableAfter).
+func (q *qaEnroller) EnsureSymKeyGroup(ctx context.Context, g *station.SymKeyGroup) error {
+	return q.disableAfter(ctx, g.ID, func() error { return q.dpsCheck.EnsureSymKeyGroup(ctx, g) })
+}
+
+// disableAfter runs the station's ensure; with the disabled-group fault it
+// then disables the group through the DPS service API, as an operator or a
+// cloud job would between the station's enroll step and the DUT's
+// registration. The first unit does it; later units find the group
+// disabled and keep it so (the station's ensure would enable it again,
+// and a neighbour slot could register in between).
+func (q *qaEnroller) disableAfter(ctx context.Context, groupID string, ensure func() error) error {
+	if !q.disableGroup {
+		return ensure()
+	}
+	q.groupMu.Lock()
+	defer q.groupMu.Unlock()
+	if q.groupDisabled.Load() != nil {
+		return nil
+	}
+	if err := ensure(); err != nil {
+		return err
+	}
+	g, err := q.svc.GetEnrollmentGroup(ctx, groupID)
+	if err != nil {
+		return err
+	}
+	g.ProvisioningStatus = dps.ProvisioningDisabled
+	if _, err := q.svc.PutEnrollmentGroup(ctx, g, g.ETag); err != nil {
+		return err
+	}
+	q.groupDisabled.Store(&groupID)
+	return nil
 }
 
 // otherEK returns the EK TPM2B_PUBLIC of a TPM no DUT has: the reference
