@@ -235,13 +235,14 @@ func claimPort(path string) (func(), error) {
 
 // readWake is how often a read of a serial line wakes up to see whether the
 // line is being closed.
-const readWake = 100 * time.Millisecond
+const readWake = 10 * time.Millisecond
 
 // serialLine is a serial port that is never closed under a read in
 // progress. The port library closes the descriptor before it wakes blocked
 // readers, so a read that loses that race can go on with a descriptor number
 // the process has meanwhile given to another file, and block for ever (with
-// Close waiting for it). Reads here wake every readWake; Close marks the
+// Close waiting for it). Reads here wake every readWake (10 ms: an idle port costs a hundred
+// selects a second, and Close waits at most that long); Close marks the
 // line closing, waits for the read in progress to return, and only then
 // closes the port.
 type serialLine struct {
