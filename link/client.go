@@ -241,10 +241,10 @@ const readWake = 10 * time.Millisecond
 // progress. The port library closes the descriptor before it wakes blocked
 // readers, so a read that loses that race can go on with a descriptor number
 // the process has meanwhile given to another file, and block for ever (with
-// Close waiting for it). Reads here wake every readWake (10 ms: an idle port costs a hundred
-// selects a second, and Close waits at most that long); Close marks the
-// line closing, waits for the read in progress to return, and only then
-// closes the port.
+// Close waiting for it). Reads here wake every readWake (an idle port costs
+// a hundred selects a second, and Close waits at most that long); Close
+// marks the line closing, waits for the read in progress to return, and
+// only then closes the port.
 type serialLine struct {
 	serial.Port
 	mu      sync.RWMutex // held for reading by Read, for writing by Close
