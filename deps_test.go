@@ -21,13 +21,14 @@ var allowed = map[string][]string{
 	"station/sqlite":      {"station", "internal/sqlitedb"},
 	"internal/sqlitedb":   {"station"}, // how every Kiln store opens SQLite
 	"internal/fynelocale": {},          // a parseable locale for Fyne when the process has none
+	"internal/datakey":    {"station"}, // the data key that seals a store's secrets
 	"link":                {"station"},
 	"hsm":                 {"station"},
 	"hsm/tpmsim":          {"station", "hsm"},
 	"pki":                 {"station"},
 	"dps":                 {"station", "hsm"},
-	"devserver":           {"station", "dps", "internal/sqlitedb"},
-	"cloudsync":           {"station", "dps"},
+	"devserver":           {"station", "dps", "internal/sqlitedb", "internal/datakey"},
+	"cloudsync":           {"station", "dps", "internal/datakey"},
 	"agent":               {"station", "dps", "hsm", "link"},
 	"ui":                  {"station"},
 	"fixtures":            {"*", "-ui", "-cmd/kiln"},

@@ -1,14 +1,11 @@
 package cloudsync
 
 import (
-	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
-	"errors"
-	"io/fs"
-	"os"
 
 	"github.com/kilnworks/kiln/dps"
+	"github.com/kilnworks/kiln/internal/datakey"
 	"github.com/kilnworks/kiln/station"
 )
 
@@ -26,36 +23,9 @@ type Sealer struct{ aead cipher.AEAD }
 // database, not a copied data directory. Kinds: Unavailable (the file
 // cannot be read or written), Invalid (not a 32-byte key).
 func LoadSealer(path string) (*Sealer, error) {
-	const op = "load cloudsync data key"
-	key, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		key = make([]byte, 32)
-		if _, err := rand.Read(key); err != nil {
-			return nil, station.E(op, station.KindInternal, err)
-		}
-		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-		if err != nil {
-			return nil, station.Errorf(op, station.KindUnavailable, "create %s: %w", path, err)
-		}
-		_, werr := f.Write(key)
-		if err := errors.Join(werr, f.Sync(), f.Close()); err != nil {
-			os.Remove(path)
-			return nil, station.Errorf(op, station.KindUnavailable, "write %s: %w", path, err)
-		}
-	} else if err != nil {
-		return nil, station.Errorf(op, station.KindUnavailable, "read %s: %w", path, err)
-	}
-	if len(key) != 32 {
-		return nil, station.Errorf(op, station.KindInvalid,
-			"%s holds %d bytes, not a 32-byte key: restore it from a backup (without it the targets and the signing key are lost)", path, len(key))
-	}
-	block, err := aes.NewCipher(key)
+	aead, err := datakey.Load(path, "cloudsync", "the targets and the signing key are lost")
 	if err != nil {
-		return nil, station.E(op, station.KindInternal, err)
-	}
-	aead, err := cipher.NewGCM(block)
-	if err != nil {
-		return nil, station.E(op, station.KindInternal, err)
+		return nil, err
 	}
 	return &Sealer{aead: aead}, nil
 }

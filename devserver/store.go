@@ -2,7 +2,6 @@ package devserver
 
 import (
 	"context"
-	"crypto/aes"
 	"crypto/cipher"
 	"crypto/rand"
 	"database/sql"
@@ -10,7 +9,6 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -20,6 +18,7 @@ import (
 	sqlite3 "github.com/mattn/go-sqlite3"
 
 	"github.com/kilnworks/kiln/dps"
+	"github.com/kilnworks/kiln/internal/datakey"
 	"github.com/kilnworks/kiln/internal/sqlitedb"
 	"github.com/kilnworks/kiln/station"
 )
@@ -92,38 +91,7 @@ func (s *store) close() error { return s.db.Close() }
 // loadDataKey reads the 32-byte data key at path, creating it (0600) when
 // it does not exist, and returns its AES-256-GCM AEAD.
 func loadDataKey(path string) (cipher.AEAD, error) {
-	const op = "load devserver data key"
-	key, err := os.ReadFile(path)
-	if errors.Is(err, fs.ErrNotExist) {
-		key = make([]byte, 32)
-		if _, err := rand.Read(key); err != nil {
-			return nil, station.E(op, station.KindInternal, err)
-		}
-		f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-		if err != nil {
-			return nil, station.Errorf(op, station.KindUnavailable, "create %s: %w", path, err)
-		}
-		_, werr := f.Write(key)
-		if err := errors.Join(werr, f.Sync(), f.Close()); err != nil {
-			os.Remove(path)
-			return nil, station.Errorf(op, station.KindUnavailable, "write %s: %w", path, err)
-		}
-	} else if err != nil {
-		return nil, station.Errorf(op, station.KindUnavailable, "read %s: %w", path, err)
-	}
-	if len(key) != 32 {
-		return nil, station.Errorf(op, station.KindInvalid,
-			"%s holds %d bytes, not a 32-byte key: restore it from a backup (without it the stored keys are lost)", path, len(key))
-	}
-	block, err := aes.NewCipher(key)
-	if err != nil {
-		return nil, station.E(op, station.KindInternal, err)
-	}
-	aead, err := cipher.NewGCM(block)
-	if err != nil {
-		return nil, station.E(op, station.KindInternal, err)
-	}
-	return aead, nil
+	return datakey.Load(path, "devserver", "the stored keys are lost")
 }
 
 // sealValue encrypts plain for the row named by aad (which binds the
