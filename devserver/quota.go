@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/kilnworks/kiln/dps"
 	"github.com/kilnworks/kiln/station"
 )
 
@@ -71,6 +72,10 @@ type Quotas struct {
 	// payload (MQTT) accepted. DPS: 96 KB. Zero or negative: 96 KB (a
 	// message limit cannot be removed).
 	MaxMessageBytes int
+	// MaxBulkItems is the most enrollments or groups one bulk operation
+	// may carry. DPS: 10. Zero: DPS's; negative: no count limit (the
+	// message limit still applies).
+	MaxBulkItems int
 }
 
 // DPSQuotas returns DPS's limits and throttles, as `kiln serve` applies
@@ -105,6 +110,7 @@ func limit(v, def int) int {
 func (q Quotas) enrollments() int   { return limit(q.MaxEnrollments, DPSMaxEnrollments) }
 func (q Quotas) registrations() int { return limit(q.MaxRegistrations, DPSMaxRegistrations) }
 func (q Quotas) linkedHubs() int    { return limit(q.MaxLinkedHubs, DPSMaxLinkedHubs) }
+func (q Quotas) bulkItems() int     { return limit(q.MaxBulkItems, dps.MaxBulkItems) }
 
 func (q Quotas) messageBytes() int {
 	if q.MaxMessageBytes <= 0 {

@@ -18,6 +18,12 @@ import (
 // dps.MaxBulkItems of them: each item is decoded, and fails, on its own.
 // Kinds: Invalid.
 func DecodeBulkOperation(body []byte, groups bool) (mode string, items []json.RawMessage, err error) {
+	return decodeBulkOperation(body, groups, dps.MaxBulkItems)
+}
+
+// decodeBulkOperation is DecodeBulkOperation with at most max items (no
+// count limit when max is 0).
+func decodeBulkOperation(body []byte, groups bool, max int) (mode string, items []json.RawMessage, err error) {
 	const op = "read bulk operation"
 	var v struct {
 		Mode             string            `json:"mode"`
@@ -42,10 +48,10 @@ func DecodeBulkOperation(body []byte, groups bool) (mode string, items []json.Ra
 	}
 	switch {
 	case len(items) == 0:
-		return "", nil, station.Errorf(op, station.KindInvalid, "the operation has no %s: send 1 to %d", field, dps.MaxBulkItems)
-	case len(items) > dps.MaxBulkItems:
+		return "", nil, station.Errorf(op, station.KindInvalid, "the operation has no %s: send at least 1", field)
+	case max > 0 && len(items) > max:
 		return "", nil, station.Errorf(op, station.KindInvalid,
-			"the operation has %d %s, more than DPS's limit of %d: split it", len(items), field, dps.MaxBulkItems)
+			"the operation has %d %s, more than this service's limit of %d (DPS's is %d): split it", len(items), field, max, dps.MaxBulkItems)
 	}
 	for i, it := range items {
 		if t := strings.TrimSpace(string(it)); t == "" || t[0] != '{' {
@@ -75,7 +81,7 @@ func (s *Server) serveBulk(w http.ResponseWriter, r *http.Request, trackingID st
 		s.writeError(w, r, trackingID, err)
 		return
 	}
-	mode, items, err := DecodeBulkOperation(b, groups)
+	mode, items, err := decodeBulkOperation(b, groups, s.cfg.Quotas.bulkItems())
 	if err != nil {
 		s.writeError(w, r, trackingID, err)
 		return

@@ -181,3 +181,27 @@ func TestBulkEnrollmentGroups(t *testing.T) {
 		t.Errorf("GET /enrollmentGroups: %d", r.status)
 	}
 }
+
+// The bulk limit is a quota: lower it and a bulk over it is refused; turn
+// it off and a bulk of 11 goes through.
+func TestBulkLimitQuota(t *testing.T) {
+	for _, c := range []struct {
+		max, n int
+		ok     bool
+	}{{3, 4, false}, {3, 3, true}, {-1, 11, true}} {
+		e := start(t, devserver.Config{Quotas: devserver.Quotas{MaxBulkItems: c.max}})
+		var items []dps.IndividualEnrollment
+		for i := range c.n {
+			items = append(items, symEnrollment(fmt.Sprintf("lim-%02d", i)))
+		}
+		r := e.service(t, http.MethodPost, "/enrollments", dps.BulkEnrollmentOperation{Mode: "create", Enrollments: items})
+		if c.ok && r.status != http.StatusOK {
+			t.Errorf("limit %d, bulk of %d: %d %s", c.max, c.n, r.status, r.body)
+		}
+		if !c.ok {
+			if got := r.errorBody(t, http.StatusBadRequest); !strings.Contains(got.Message, "limit of 3") {
+				t.Errorf("limit %d, bulk of %d: %q does not name the limit", c.max, c.n, got.Message)
+			}
+		}
+	}
+}

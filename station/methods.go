@@ -255,8 +255,9 @@ func (w *runner) x509Steps(prof Profile) error {
 	}); err != nil {
 		return err
 	}
+	group := "" // the X.509 group the unit was proven through, when it was
 	if x := p.EndToEnd; x != nil {
-		group := x.X509Group
+		group = x.X509Group
 		if group == "" {
 			group = "kiln-x509"
 		}
@@ -275,10 +276,11 @@ func (w *runner) x509Steps(prof Profile) error {
 	}
 	_, tp := Thumbprints(leaf.Chain[0])
 	return w.recordUnit(&Unit{
-		Certificate:    leaf.Chain[0],
-		CertSerial:     leaf.Serial,
-		CertThumbprint: tp,
-		KeyStorage:     key.Storage,
+		Certificate:     leaf.Chain[0],
+		CertSerial:      leaf.Serial,
+		CertThumbprint:  tp,
+		KeyStorage:      key.Storage,
+		EnrollmentGroup: group,
 	})
 }
 

@@ -60,8 +60,8 @@ func TestProvisionX509EndToEnd(t *testing.T) {
 	}
 
 	u := mustUnit(t, home, "SN-X509-01")
-	if u.Method != station.MethodX509 || u.KeyStorage != station.KeyInTPM || u.EKHash != "" {
-		t.Errorf("unit: method %s, key storage %q, EK hash %q; want x509, tpm, none", u.Method, u.KeyStorage, u.EKHash)
+	if u.Method != station.MethodX509 || u.KeyStorage != station.KeyInTPM || u.EKHash != "" || u.EnrollmentGroup != defaultX509Group {
+		t.Errorf("unit: method %s, key storage %q, EK hash %q, group %q; want x509, tpm, none, %s", u.Method, u.KeyStorage, u.EKHash, u.EnrollmentGroup, defaultX509Group)
 	}
 	leaf, err := x509.ParseCertificate(u.Certificate)
 	if err != nil {

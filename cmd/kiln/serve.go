@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/kilnworks/kiln/devserver"
+	"github.com/kilnworks/kiln/dps"
 )
 
 // runServe is `kiln serve`: the embedded DPS alone, headless, as a DPS
@@ -136,6 +137,7 @@ func quotaFlags(fs *flag.FlagSet) func() (devserver.Quotas, error) {
 	symGroups := fs.Int("max-symmetric-key-groups", devserver.MaxSymmetricKeyGroups, "most symmetric-key enrollment groups; 0: no limit")
 	x509Groups := fs.Int("max-x509-groups", devserver.MaxX509Groups, "most X.509 enrollment groups; 0: no limit")
 	message := fs.Int("max-message-bytes", devserver.DPSMaxMessageBytes, "largest request body or MQTT publish, in bytes")
+	bulk := fs.Int("max-bulk-items", dps.MaxBulkItems, "most enrollments or groups in one bulk operation; 0: no limit")
 	return func() (devserver.Quotas, error) {
 		count := func(name string, v int) (int, error) {
 			switch {
@@ -153,7 +155,8 @@ func quotaFlags(fs *flag.FlagSet) func() (devserver.Quotas, error) {
 			v    int
 			to   *int
 		}{{"max-enrollments", *enrollments, &q.MaxEnrollments}, {"max-registrations", *registrations, &q.MaxRegistrations},
-			{"max-symmetric-key-groups", *symGroups, &q.MaxSymmetricKeyGroups}, {"max-x509-groups", *x509Groups, &q.MaxX509Groups}} {
+			{"max-symmetric-key-groups", *symGroups, &q.MaxSymmetricKeyGroups}, {"max-x509-groups", *x509Groups, &q.MaxX509Groups},
+			{"max-bulk-items", *bulk, &q.MaxBulkItems}} {
 			if *c.to, err = count(c.name, c.v); err != nil {
 				return q, err
 			}

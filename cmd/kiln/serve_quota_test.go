@@ -13,12 +13,13 @@ import (
 
 func TestServeQuotaFlags(t *testing.T) {
 	dpsCounts := devserver.Quotas{MaxEnrollments: 1_000_000, MaxRegistrations: 1_000_000,
-		MaxSymmetricKeyGroups: 100, MaxX509Groups: 100, MaxMessageBytes: 96 << 10}
+		MaxSymmetricKeyGroups: 100, MaxX509Groups: 100, MaxMessageBytes: 96 << 10, MaxBulkItems: 10}
 	withRates := dpsCounts
 	withRates.RegistrationsPerMinute, withRates.OperationsPerMinute = 1000, 1000
 	withRates.PollsPerDevice, withRates.PollWindow = 5, 10*time.Second
 	custom := withRates
 	custom.PollsPerDevice, custom.PollWindow, custom.MaxEnrollments, custom.MaxMessageBytes = 2, 4*time.Second, -1, 4096
+	custom.MaxBulkItems = -1
 
 	tests := []struct {
 		name    string
@@ -28,7 +29,7 @@ func TestServeQuotaFlags(t *testing.T) {
 	}{
 		{"DPS's by default", nil, withRates, false},
 		{"line speed", []string{"--throttle=false"}, dpsCounts, false},
-		{"custom", []string{"--polls-per-device", "2", "--poll-window", "4s", "--max-enrollments", "0", "--max-message-bytes", "4096"}, custom, false},
+		{"custom", []string{"--polls-per-device", "2", "--poll-window", "4s", "--max-enrollments", "0", "--max-message-bytes", "4096", "--max-bulk-items", "0"}, custom, false},
 		{"negative rate", []string{"--operations-per-minute", "-1"}, devserver.Quotas{}, true},
 		{"negative count", []string{"--max-registrations", "-5"}, devserver.Quotas{}, true},
 		{"no message size", []string{"--max-message-bytes", "0"}, devserver.Quotas{}, true},
