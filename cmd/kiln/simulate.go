@@ -156,6 +156,7 @@ type simDUT struct {
 	dut     *fixtures.DUT
 	tpm     transport.TPMCloser
 	swtpm   *fixtures.SWTPM
+	tmpDir  string // swtpm's state and roots, removed when the DUT stops
 	tpmName string
 	roots   string
 	serial  string
@@ -166,6 +167,9 @@ func (d *simDUT) Close() {
 	d.tpm.Close()
 	if d.swtpm != nil {
 		d.swtpm.Close()
+	}
+	if d.tmpDir != "" {
+		os.RemoveAll(d.tmpDir)
 	}
 }
 
@@ -200,13 +204,16 @@ func startSimDUT(ctx context.Context, c *config, o simOptions, serial string) (*
 		if err != nil {
 			return nil, err
 		}
+		d.tmpDir = dir
 		sw, err := fixtures.StartSWTPM(ctx, dir)
 		if err != nil {
+			os.RemoveAll(dir)
 			return nil, err
 		}
 		t, err := hsm.Open(sw.Spec())
 		if err != nil {
 			sw.Close()
+			os.RemoveAll(dir)
 			return nil, err
 		}
 		d.tpm, d.swtpm, d.tpmName, d.roots = t, sw, sw.Spec(), sw.RootsDir()
@@ -225,6 +232,9 @@ func startSimDUT(ctx context.Context, c *config, o simOptions, serial string) (*
 		d.tpm.Close()
 		if d.swtpm != nil {
 			d.swtpm.Close()
+		}
+		if d.tmpDir != "" {
+			os.RemoveAll(d.tmpDir)
 		}
 		return nil, err
 	}
