@@ -164,6 +164,7 @@ func (s *Server) countRegistrationRefused(d *deviceRequest, err error) {
 	if d == nil {
 		return
 	}
+	s.noteRefusal(d, err)
 	result := 4
 	if station.KindOf(err) == station.KindUnauthorized {
 		result = 3

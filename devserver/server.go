@@ -116,6 +116,7 @@ type Server struct {
 	metrics     metrics       // the counters of GET /metrics (metrics.go)
 	groupKeys   groupKeyCache // symmetric-key groups with decoded keys (symkey_group.go)
 	csrs        pendingCSRs   // CSRs awaiting their assignment (issuance.go)
+	refused     refusals      // the last refusal of recent devices (refusals.go)
 
 	// The state of the rate quotas (quota.go), and what register requests
 	// told for their assignments (allocation_custom.go).

@@ -48,6 +48,15 @@ type Observer interface {
 	WaitTelemetry(ctx context.Context, hub, deviceID string) (time.Time, error)
 }
 
+// RefusalExplainer is an Observer that knows why the DPS refused a device:
+// the DUT learns only a status and a code (a DPS tells a device no more), so
+// the FAIL reason gets the DPS's own account when the station can ask it.
+type RefusalExplainer interface {
+	// Refusal returns why the DPS last refused a request of regID, if it
+	// did at or after since.
+	Refusal(ctx context.Context, regID string, since time.Time) (string, bool)
+}
+
 // EndToEnd proves each unit against a DPS before it passes: the unit is
 // enrolled, registers from the DUT, is assigned to a hub, connects to it and
 // sends telemetry.
@@ -101,6 +110,7 @@ func (w *runner) endToEnd(x *EndToEnd, enroll func() (string, error)) error {
 	if err := w.step(StepRegister, func() (string, error, error) {
 		cctx, cancel := context.WithTimeout(ctx, timeout)
 		defer cancel()
+		since := w.now()
 		var err error
 		report, err = pl.ProvisionNow(cctx, func(pp ProvisionProgress) {
 			if p.OnStep != nil {
@@ -109,11 +119,14 @@ func (w *runner) endToEnd(x *EndToEnd, enroll func() (string, error)) error {
 			}
 		})
 		if err != nil {
+			if why := refusal(ctx, x.Observer, r.RegistrationID, since); why != "" {
+				err = E("verify on DPS", KindOf(err), fmt.Errorf("%w; the DPS says: %s", err, why))
+			}
 			return "", nil, err
 		}
 		r.DPSStatus, r.AssignedHub, r.DeviceID = report.Status, report.AssignedHub, report.DeviceID
 		if report.Status != "assigned" {
-			return "", nil, Errorf("verify on DPS", KindUnauthorized, "the DUT's registration ended %s (DPS error %d: %s): check the enrollment and the unit's TPM",
+			return "", nil, Errorf("verify on DPS", KindUnauthorized, "the DUT's registration ended %s (DPS error %d: %s): check the enrollment and the unit's identity",
 				report.Status, report.ErrorCode, report.ErrorMessage)
 		}
 		st, err := x.Observer.Registration(ctx, r.RegistrationID)
@@ -168,4 +181,17 @@ func methodOnDevice(m Method) Method {
 		return ""
 	}
 	return m
+}
+
+// refusal asks o, when it can say, why the DPS refused regID since then.
+func refusal(ctx context.Context, o Observer, regID string, since time.Time) string {
+	re, ok := o.(RefusalExplainer)
+	if !ok {
+		return ""
+	}
+	why, ok := re.Refusal(ctx, regID, since)
+	if !ok {
+		return ""
+	}
+	return why
 }

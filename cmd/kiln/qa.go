@@ -243,7 +243,7 @@ func (b *qaBench) Open(ctx context.Context, sc *qa.Scenario) (qa.Station, error)
 			return nil, err
 		}
 	}
-	check := &dpsCheck{svc: svc, hub: emb.Hub}
+	check := &dpsCheck{svc: svc, hub: emb.Hub, dps: emb.DPS}
 	enr := &qaEnroller{dpsCheck: check}
 	if _, ok := sc.Fault(qa.FaultWrongEK); ok {
 		if enr.wrongEK, err = otherEK(); err != nil {
@@ -426,37 +426,10 @@ type qaStation struct {
 }
 
 // Provision provisions a unit. When the DPS refused the unit's
-// registration, the DUT only knows the answer's status and code (a DPS
-// tells a device no more); the DPS's reason, from its log, is added to the
-// error so that the report says why.
+// registration, the station's reason already carries the DPS's account
+// (station.RefusalExplainer), so the report says why.
 func (s *qaStation) Provision(ctx context.Context, req station.Request) (*station.Run, error) {
-	r, err := s.p.Provision(ctx, req)
-	if err != nil && r != nil && r.RegistrationID != "" && s.dpsLog != nil {
-		if why := refusalReason(s.dpsLog.String(), r.RegistrationID); why != "" {
-			err = fmt.Errorf("%w; the DPS logged: %s", err, why)
-		}
-	}
-	return r, err
-}
-
-var refusedRE = regexp.MustCompile(`msg="request refused" .*path=/[^/ ]+/registrations/([^/ ]+)/\S* .*err="((?:[^"\\]|\\.)*)"`)
-
-// refusalReason returns the reason of the last device request of regID the
-// DPS refused, from its text log; "" when it refused none.
-func refusalReason(log, regID string) string {
-	why := ""
-	for _, l := range strings.Split(log, "\n") {
-		m := refusedRE.FindStringSubmatch(l)
-		if m == nil || !strings.EqualFold(m[1], regID) {
-			continue
-		}
-		if u, err := strconv.Unquote(`"` + m[2] + `"`); err == nil {
-			why = u
-		} else {
-			why = m[2]
-		}
-	}
-	return why
+	return s.p.Provision(ctx, req)
 }
 
 func (s *qaStation) StartDUT(ctx context.Context, spec qa.DUTSpec) (qa.DUT, error) {

@@ -19,12 +19,14 @@ import (
 type dpsCheck struct {
 	svc *dps.ServiceClient
 	hub *devserver.Hub
+	dps *devserver.Server // the embedded DPS itself, which knows why it refused a device
 }
 
 var (
-	_ station.Enroller      = (*dpsCheck)(nil)
-	_ station.GroupEnroller = (*dpsCheck)(nil)
-	_ station.Observer      = (*dpsCheck)(nil)
+	_ station.Enroller         = (*dpsCheck)(nil)
+	_ station.GroupEnroller    = (*dpsCheck)(nil)
+	_ station.Observer         = (*dpsCheck)(nil)
+	_ station.RefusalExplainer = (*dpsCheck)(nil)
 )
 
 func (d *dpsCheck) EnrollTPM(ctx context.Context, regID string, ekPublic []byte) error {
@@ -75,6 +77,18 @@ func (d *dpsCheck) ensureGroup(ctx context.Context, groupID string, want dps.Att
 	return err
 }
 
+// Refusal is why the embedded DPS last refused regID, from its own record.
+func (d *dpsCheck) Refusal(_ context.Context, regID string, since time.Time) (string, bool) {
+	if d.dps == nil {
+		return "", false
+	}
+	rf, ok := d.dps.LastRefusal(regID)
+	if !ok || rf.At.Before(since) {
+		return "", false
+	}
+	return rf.Reason, true
+}
+
 func (d *dpsCheck) Registration(ctx context.Context, regID string) (station.RegistrationState, error) {
 	st, err := d.svc.RegistrationState(ctx, regID)
 	if err != nil {
@@ -109,7 +123,7 @@ func startEndToEnd(ctx context.Context, e *env, c *config) (*station.EndToEnd, *
 		d.Close()
 		return nil, nil, nil, err
 	}
-	check := &dpsCheck{svc: svc, hub: d.hub}
+	check := &dpsCheck{svc: svc, hub: d.hub, dps: d.dps}
 	x := &station.EndToEnd{
 		Enroller: check,
 		Observer: check,
