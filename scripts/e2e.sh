@@ -123,7 +123,7 @@ for m in tpm x509 symkey; do
 done
 check "JUnit XML has a testsuite per scenario" test "$(grep -c '<testsuite ' "$work/qa/junit.xml")" = "$qa_scenarios"
 check "the HTML report has the timing charts" grep -q '<svg class="chart"' "$work/qa/report.html"
-check "the report quotes the DPS's refusal of the expired certificate" grep -q 'the DPS logged: attest X.509 device: the client certificate of' "$work/qa/report.html"
+check "the report quotes the DPS's refusal of the expired certificate" grep -q 'the DPS says: attest X.509 device: the client certificate of' "$work/qa/report.html"
 check "the quota scenario's DPS throttled with its own quota" grep -q 'kiln_dps_throttled_total [1-9]' "$work/qa/report.html"
 set +e; printf 'name: hopeful\nmethod: tpm\nsimulated: 1\nfault: wrong-id-scope\nexpect: pass\n' > "$work/hopeful.scenario"
 "$kiln" qa run --out "$work/qa-miss" "$work/hopeful.scenario" > "$work/qa-miss.txt" 2>&1; code=$?; set -e
