@@ -63,35 +63,15 @@ func (t *TPM) Seal(ctx context.Context, data []byte) (*KeyBlob, error) {
 // Unavailable.
 func (t *TPM) Unseal(ctx context.Context, blob KeyBlob) ([]byte, error) {
 	const op = "unseal data from the TPM"
-	priv, err := parsePrivate(blob.Private)
-	if err != nil {
-		return nil, station.E(op, station.KindInvalid, err)
-	}
-	pub, err := parsePublic2B(blob.Public)
-	if err != nil {
-		return nil, station.E(op, station.KindInvalid, err)
-	}
 	if err := t.lock(op); err != nil {
 		return nil, err
 	}
 	defer t.mu.Unlock()
-	srkName, err := t.readName(ctx, op, SRKHandle, "SRK")
+	ld, flush, err := t.loadBlob(ctx, op, blob, "the sealed blob", "it was made in another TPM or under another SRK, or altered")
 	if err != nil {
 		return nil, err
 	}
-	ld, err := tpm2.Load{
-		ParentHandle: tpm2.AuthHandle{Handle: SRKHandle, Name: srkName, Auth: tpm2.PasswordAuth(nil)},
-		InPrivate:    *priv,
-		InPublic:     *pub,
-	}.Execute(t.t)
-	if err != nil {
-		return nil, station.Errorf(op, station.KindOf(tpmError(op, err)),
-			"the TPM cannot load the sealed blob (%v): it was made in another TPM or under another SRK, or altered", err)
-	}
-	defer tpm2.FlushContext{FlushHandle: ld.ObjectHandle}.Execute(t.t)
-	if err := ctxError(ctx, op); err != nil {
-		return nil, err
-	}
+	defer flush()
 	rsp, err := tpm2.Unseal{
 		ItemHandle: tpm2.AuthHandle{Handle: ld.ObjectHandle, Name: ld.Name, Auth: tpm2.PasswordAuth(nil)},
 	}.Execute(t.t)

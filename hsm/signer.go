@@ -207,40 +207,16 @@ func (s *KeySigner) SignContext(ctx context.Context, digest []byte, opts crypto.
 		}
 		scheme = tpm2.TPMTSigScheme{Scheme: alg, Details: tpm2.NewTPMUSigScheme(alg, &tpm2.TPMSSchemeHash{HashAlg: hash})}
 	}
-	priv, err := parsePrivate(s.blob.Private)
-	if err != nil {
-		return nil, station.E(op, station.KindInvalid, err)
-	}
-	pub, err := parsePublic2B(s.blob.Public)
-	if err != nil {
-		return nil, station.E(op, station.KindInvalid, err)
-	}
-
 	t := s.t
 	if err := t.lock(op); err != nil {
 		return nil, err
 	}
 	defer t.mu.Unlock()
-	if err := ctxError(ctx, op); err != nil {
-		return nil, err
-	}
-	srkName, err := t.readName(ctx, op, SRKHandle, "SRK")
+	ld, flush, err := t.loadBlob(ctx, op, s.blob, "the stored key", "it was made in another TPM or under another SRK; generate the key again")
 	if err != nil {
 		return nil, err
 	}
-	ld, err := tpm2.Load{
-		ParentHandle: tpm2.AuthHandle{Handle: SRKHandle, Name: srkName, Auth: tpm2.PasswordAuth(nil)},
-		InPrivate:    *priv,
-		InPublic:     *pub,
-	}.Execute(t.t)
-	if err != nil {
-		return nil, station.Errorf(op, station.KindOf(tpmError(op, err)),
-			"the TPM cannot load the stored key (%v): it was made in another TPM or under another SRK; generate the key again", err)
-	}
-	defer tpm2.FlushContext{FlushHandle: ld.ObjectHandle}.Execute(t.t)
-	if err := ctxError(ctx, op); err != nil {
-		return nil, err
-	}
+	defer flush()
 	rsp, err := tpm2.Sign{
 		KeyHandle:  tpm2.AuthHandle{Handle: ld.ObjectHandle, Name: ld.Name, Auth: tpm2.PasswordAuth(nil)},
 		Digest:     tpm2.TPM2BDigest{Buffer: digest},
@@ -275,4 +251,39 @@ func (s *KeySigner) SignContext(ctx context.Context, digest []byte, opts crypto.
 		}
 		return sig.Sig.Buffer, nil
 	}
+}
+
+// loadBlob loads a key or sealed object kept as blob under the SRK and
+// returns it with the flush that unloads it; what names the blob and fix
+// says what a load failure means. The caller holds t.mu.
+func (t *TPM) loadBlob(ctx context.Context, op string, blob KeyBlob, what, fix string) (*tpm2.LoadResponse, func(), error) {
+	priv, err := parsePrivate(blob.Private)
+	if err != nil {
+		return nil, nil, station.E(op, station.KindInvalid, err)
+	}
+	pub, err := parsePublic2B(blob.Public)
+	if err != nil {
+		return nil, nil, station.E(op, station.KindInvalid, err)
+	}
+	if err := ctxError(ctx, op); err != nil {
+		return nil, nil, err
+	}
+	srkName, err := t.readName(ctx, op, SRKHandle, "SRK")
+	if err != nil {
+		return nil, nil, err
+	}
+	ld, err := tpm2.Load{
+		ParentHandle: tpm2.AuthHandle{Handle: SRKHandle, Name: srkName, Auth: tpm2.PasswordAuth(nil)},
+		InPrivate:    *priv,
+		InPublic:     *pub,
+	}.Execute(t.t)
+	if err != nil {
+		return nil, nil, station.Errorf(op, station.KindOf(tpmError(op, err)), "the TPM cannot load %s (%v): %s", what, err, fix)
+	}
+	flush := func() { tpm2.FlushContext{FlushHandle: ld.ObjectHandle}.Execute(t.t) }
+	if err := ctxError(ctx, op); err != nil {
+		flush()
+		return nil, nil, err
+	}
+	return ld, flush, nil
 }
