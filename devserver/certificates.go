@@ -1,6 +1,7 @@
 package devserver
 
 import (
+	"context"
 	"crypto/rand"
 	"crypto/sha1"
 	"crypto/x509"
@@ -48,7 +49,6 @@ func (s *Server) serveCertificates(w http.ResponseWriter, r *http.Request, track
 
 // serveCertificate answers PUT, GET and DELETE /certificates/{name}.
 func (s *Server) serveCertificate(w http.ResponseWriter, r *http.Request, trackingID, name string) {
-	ctx := r.Context()
 	if err := s.authorize(r, RightServiceConfig); err != nil {
 		s.writeError(w, r, trackingID, err)
 		return
@@ -57,44 +57,32 @@ func (s *Server) serveCertificate(w http.ResponseWriter, r *http.Request, tracki
 		s.writeError(w, r, trackingID, err)
 		return
 	}
-	switch r.Method {
-	case http.MethodPut:
-		b, err := readBody(r)
-		if err != nil {
-			s.writeError(w, r, trackingID, err)
-			return
-		}
-		cert, verified, err := DecodeCertificateUpload(b)
-		if err != nil {
-			s.writeError(w, r, trackingID, err)
-			return
-		}
-		c, err := s.db.putCertificate(ctx, name, cert, verified, r.Header.Get("If-Match"), dps.MaxCertificates, s.now())
-		if err != nil {
-			s.writeError(w, r, trackingID, err)
-			return
-		}
-		s.log.Info("CA certificate uploaded", "trackingId", trackingID, "name", name, "subject", cert.Subject.String(), "verified", c.Verified)
-		w.Header().Set("ETag", c.ETag)
-		writeJSON(w, http.StatusOK, certificateResource(c, false))
-	case http.MethodGet:
-		c, err := s.db.certificate(ctx, name)
-		if err != nil {
-			s.writeError(w, r, trackingID, err)
-			return
-		}
-		w.Header().Set("ETag", c.ETag)
-		writeJSON(w, http.StatusOK, certificateResource(c, false))
-	case http.MethodDelete:
-		if err := s.db.deleteCertificate(ctx, name, r.Header.Get("If-Match")); err != nil {
-			s.writeError(w, r, trackingID, err)
-			return
-		}
-		s.log.Info("CA certificate deleted", "trackingId", trackingID, "name", name)
-		w.WriteHeader(http.StatusNoContent)
-	default:
-		s.allow(w, r, trackingID, "PUT, GET, DELETE", nil)
-	}
+	serveResource(s, w, r, trackingID, resource[dps.Certificate]{
+		kind: "CA certificate", idKey: "name", id: name,
+		put: func(ctx context.Context) (dps.Certificate, string, []any, error) {
+			b, err := readBody(r)
+			if err != nil {
+				return dps.Certificate{}, "", nil, err
+			}
+			cert, verified, err := DecodeCertificateUpload(b)
+			if err != nil {
+				return dps.Certificate{}, "", nil, err
+			}
+			c, err := s.db.putCertificate(ctx, name, cert, verified, r.Header.Get("If-Match"), dps.MaxCertificates, s.now())
+			if err != nil {
+				return dps.Certificate{}, "", nil, err
+			}
+			return certificateResource(c, false), c.ETag, []any{"subject", cert.Subject.String(), "verified", c.Verified}, nil
+		},
+		get: func(ctx context.Context) (dps.Certificate, string, error) {
+			c, err := s.db.certificate(ctx, name)
+			if err != nil {
+				return dps.Certificate{}, "", err
+			}
+			return certificateResource(c, false), c.ETag, nil
+		},
+		del: func(ctx context.Context, ifMatch string) error { return s.db.deleteCertificate(ctx, name, ifMatch) },
+	})
 }
 
 // generateVerificationCode answers POST

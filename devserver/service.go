@@ -47,7 +47,6 @@ func (s *Server) authorizeService(r *http.Request) error {
 
 // serveEnrollment answers PUT, GET and DELETE /enrollments/{regId} (§7.1).
 func (s *Server) serveEnrollment(w http.ResponseWriter, r *http.Request, trackingID, registrationID string) {
-	ctx := r.Context()
 	if err := s.authorize(r, readOrWrite(r, RightEnrollmentRead, RightEnrollmentWrite)); err != nil {
 		s.writeError(w, r, trackingID, err)
 		return
@@ -56,30 +55,68 @@ func (s *Server) serveEnrollment(w http.ResponseWriter, r *http.Request, trackin
 		s.writeError(w, r, trackingID, err)
 		return
 	}
+	serveResource(s, w, r, trackingID, resource[*dps.IndividualEnrollment]{
+		kind: "enrollment", idKey: "registrationId", id: registrationID,
+		put: func(ctx context.Context) (*dps.IndividualEnrollment, string, []any, error) {
+			e, err := s.putEnrollment(ctx, r, registrationID)
+			if err != nil {
+				return nil, "", nil, err
+			}
+			return e, e.ETag, nil, nil
+		},
+		get: func(ctx context.Context) (*dps.IndividualEnrollment, string, error) {
+			e, err := s.enrollmentWithState(ctx, registrationID)
+			if err != nil {
+				return nil, "", err
+			}
+			return e, e.ETag, nil
+		},
+		del: func(ctx context.Context, ifMatch string) error {
+			return s.db.deleteEnrollment(ctx, registrationID, ifMatch)
+		},
+	})
+}
+
+// resource is one resource of the service API (an enrollment, an
+// enrollment group, a CA certificate) as PUT, GET and DELETE
+// /{collection}/{id} serve it: put and get return the value to answer with
+// and its ETag; put may add attributes to its log line.
+type resource[T any] struct {
+	kind, idKey, id string
+	put             func(ctx context.Context) (T, string, []any, error)
+	get             func(ctx context.Context) (T, string, error)
+	del             func(ctx context.Context, ifMatch string) error
+}
+
+// serveResource answers PUT, GET and DELETE of res (authorization and the
+// ID's syntax are checked before): 200 with the value and its ETag, 204
+// for a delete, 405 for another method.
+func serveResource[T any](s *Server, w http.ResponseWriter, r *http.Request, trackingID string, res resource[T]) {
+	ctx := r.Context()
 	switch r.Method {
 	case http.MethodPut:
-		e, err := s.putEnrollment(ctx, r, registrationID)
+		v, etag, attrs, err := res.put(ctx)
 		if err != nil {
 			s.writeError(w, r, trackingID, err)
 			return
 		}
-		s.log.Info("enrollment written", "trackingId", trackingID, "registrationId", e.RegistrationID)
-		w.Header().Set("ETag", e.ETag)
-		writeJSON(w, http.StatusOK, e)
+		s.log.Info(res.kind+" written", append([]any{"trackingId", trackingID, res.idKey, res.id}, attrs...)...)
+		w.Header().Set("ETag", etag)
+		writeJSON(w, http.StatusOK, v)
 	case http.MethodGet:
-		e, err := s.enrollmentWithState(ctx, registrationID)
+		v, etag, err := res.get(ctx)
 		if err != nil {
 			s.writeError(w, r, trackingID, err)
 			return
 		}
-		w.Header().Set("ETag", e.ETag)
-		writeJSON(w, http.StatusOK, e)
+		w.Header().Set("ETag", etag)
+		writeJSON(w, http.StatusOK, v)
 	case http.MethodDelete:
-		if err := s.db.deleteEnrollment(ctx, registrationID, r.Header.Get("If-Match")); err != nil {
+		if err := res.del(ctx, r.Header.Get("If-Match")); err != nil {
 			s.writeError(w, r, trackingID, err)
 			return
 		}
-		s.log.Info("enrollment deleted", "trackingId", trackingID, "registrationId", registrationID)
+		s.log.Info(res.kind+" deleted", "trackingId", trackingID, res.idKey, res.id)
 		w.WriteHeader(http.StatusNoContent)
 	default:
 		s.allow(w, r, trackingID, "PUT, GET, DELETE", nil)

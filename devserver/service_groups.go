@@ -23,7 +23,6 @@ func (s *Server) groupLimit(attestationType string) int {
 
 // serveGroup answers PUT, GET and DELETE /enrollmentGroups/{id} (§7.1).
 func (s *Server) serveGroup(w http.ResponseWriter, r *http.Request, trackingID, groupID string) {
-	ctx := r.Context()
 	if err := s.authorize(r, readOrWrite(r, RightEnrollmentRead, RightEnrollmentWrite)); err != nil {
 		s.writeError(w, r, trackingID, err)
 		return
@@ -32,48 +31,36 @@ func (s *Server) serveGroup(w http.ResponseWriter, r *http.Request, trackingID, 
 		s.writeError(w, r, trackingID, err)
 		return
 	}
-	switch r.Method {
-	case http.MethodPut:
-		b, err := readBody(r)
-		if err != nil {
-			s.writeError(w, r, trackingID, err)
-			return
-		}
-		g, err := DecodeEnrollmentGroup(b, groupID)
-		if err != nil {
-			s.writeError(w, r, trackingID, err)
-			return
-		}
-		ifMatch := r.Header.Get("If-Match")
-		if ifMatch == "" {
-			ifMatch = g.ETag // Node sends If-Match itself; the body's etag counts the same
-		}
-		stored, err := s.putGroup(ctx, g, ifMatch)
-		if err != nil {
-			s.writeError(w, r, trackingID, err)
-			return
-		}
-		s.log.Info("enrollment group written", "trackingId", trackingID, "enrollmentGroupId", stored.EnrollmentGroupID)
-		w.Header().Set("ETag", stored.ETag)
-		writeJSON(w, http.StatusOK, stored)
-	case http.MethodGet:
-		g, err := s.db.group(ctx, groupID)
-		if err != nil {
-			s.writeError(w, r, trackingID, err)
-			return
-		}
-		w.Header().Set("ETag", g.ETag)
-		writeJSON(w, http.StatusOK, g)
-	case http.MethodDelete:
-		if err := s.db.deleteGroup(ctx, groupID, r.Header.Get("If-Match")); err != nil {
-			s.writeError(w, r, trackingID, err)
-			return
-		}
-		s.log.Info("enrollment group deleted", "trackingId", trackingID, "enrollmentGroupId", groupID)
-		w.WriteHeader(http.StatusNoContent)
-	default:
-		s.allow(w, r, trackingID, "PUT, GET, DELETE", nil)
-	}
+	serveResource(s, w, r, trackingID, resource[*dps.EnrollmentGroup]{
+		kind: "enrollment group", idKey: "enrollmentGroupId", id: groupID,
+		put: func(ctx context.Context) (*dps.EnrollmentGroup, string, []any, error) {
+			b, err := readBody(r)
+			if err != nil {
+				return nil, "", nil, err
+			}
+			g, err := DecodeEnrollmentGroup(b, groupID)
+			if err != nil {
+				return nil, "", nil, err
+			}
+			ifMatch := r.Header.Get("If-Match")
+			if ifMatch == "" {
+				ifMatch = g.ETag // Node sends If-Match itself; the body's etag counts the same
+			}
+			stored, err := s.putGroup(ctx, g, ifMatch)
+			if err != nil {
+				return nil, "", nil, err
+			}
+			return stored, stored.ETag, nil, nil
+		},
+		get: func(ctx context.Context) (*dps.EnrollmentGroup, string, error) {
+			g, err := s.db.group(ctx, groupID)
+			if err != nil {
+				return nil, "", err
+			}
+			return g, g.ETag, nil
+		},
+		del: func(ctx context.Context, ifMatch string) error { return s.db.deleteGroup(ctx, groupID, ifMatch) },
+	})
 }
 
 // putGroup stores a decoded group, generating the symmetric keys a caller
