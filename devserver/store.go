@@ -224,11 +224,8 @@ func (s *store) putSetting(ctx context.Context, name string, value []byte, secre
 func (s *store) enrollment(ctx context.Context, registrationID string) (*dps.IndividualEnrollment, error) {
 	const op = "read enrollment"
 	id := regKey(registrationID)
-	var doc, etag, created, updated string
-	var att []byte
-	err := s.read.QueryRowContext(ctx,
-		`SELECT doc, attestation, etag, created, updated FROM enrollments WHERE id = ?`, id).
-		Scan(&doc, &att, &etag, &created, &updated)
+	r, err := scanSealedRow(s.read.QueryRowContext(ctx,
+		`SELECT doc, attestation, etag, created, updated, id FROM enrollments WHERE id = ?`, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return nil, station.Errorf(op, station.KindNotFound, "no individual enrollment %q: %w: create it with the service API", registrationID, errNoEnrollment)
 	}
@@ -236,20 +233,40 @@ func (s *store) enrollment(ctx context.Context, registrationID string) (*dps.Ind
 		return nil, dbError(op, err)
 	}
 	var e dps.IndividualEnrollment
-	if err := json.Unmarshal([]byte(doc), &e); err != nil {
-		return nil, station.E(op, station.KindInternal, err)
-	}
-	plain, err := s.openValue(att, "enrollment:"+id)
-	if err != nil {
+	if e.ETag, e.CreatedDateTimeUTC, e.LastUpdatedDateTimeUTC, err = s.decodeSealed(op, "enrollment:", r, &e, &e.Attestation); err != nil {
 		return nil, err
 	}
-	if err := json.Unmarshal(plain, &e.Attestation); err != nil {
-		return nil, station.E(op, station.KindInternal, err)
-	}
-	e.ETag = etag
-	e.CreatedDateTimeUTC = dps.Time{Time: decTime(created)}
-	e.LastUpdatedDateTimeUTC = dps.Time{Time: decTime(updated)}
 	return &e, nil
+}
+
+// sealedRow is a row of an enrollment or a group: its JSON document, its
+// sealed attestation, etag, times and key.
+type sealedRow struct {
+	doc, etag, created, updated, id string
+	att                             []byte
+}
+
+// scanSealedRow scans (doc, attestation, etag, created, updated, id).
+func scanSealedRow(row interface{ Scan(...any) error }) (sealedRow, error) {
+	var r sealedRow
+	err := row.Scan(&r.doc, &r.att, &r.etag, &r.created, &r.updated, &r.id)
+	return r, err
+}
+
+// decodeSealed decodes r's document into v and its attestation, sealed for
+// aadPrefix + key, into att; it returns the row's etag and times.
+func (s *store) decodeSealed(op, aadPrefix string, r sealedRow, v any, att *dps.AttestationMechanism) (string, dps.Time, dps.Time, error) {
+	if err := json.Unmarshal([]byte(r.doc), v); err != nil {
+		return "", dps.Time{}, dps.Time{}, station.E(op, station.KindInternal, err)
+	}
+	plain, err := s.openValue(r.att, aadPrefix+r.id)
+	if err != nil {
+		return "", dps.Time{}, dps.Time{}, err
+	}
+	if err := json.Unmarshal(plain, att); err != nil {
+		return "", dps.Time{}, dps.Time{}, station.E(op, station.KindInternal, err)
+	}
+	return r.etag, dps.Time{Time: decTime(r.created)}, dps.Time{Time: decTime(r.updated)}, nil
 }
 
 // putEnrollment creates or replaces an enrollment. When ifMatch is not

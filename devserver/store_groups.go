@@ -35,25 +35,14 @@ func (s *store) group(ctx context.Context, groupID string) (*dps.EnrollmentGroup
 }
 
 func (s *store) scanGroup(row interface{ Scan(...any) error }) (*dps.EnrollmentGroup, error) {
-	var doc, etag, created, updated, id string
-	var att []byte
-	if err := row.Scan(&doc, &att, &etag, &created, &updated, &id); err != nil {
-		return nil, err
-	}
-	var g dps.EnrollmentGroup
-	if err := json.Unmarshal([]byte(doc), &g); err != nil {
-		return nil, station.E("read enrollment group", station.KindInternal, err)
-	}
-	plain, err := s.openValue(att, "group:"+id)
+	r, err := scanSealedRow(row)
 	if err != nil {
 		return nil, err
 	}
-	if err := json.Unmarshal(plain, &g.Attestation); err != nil {
-		return nil, station.E("read enrollment group", station.KindInternal, err)
+	var g dps.EnrollmentGroup
+	if g.ETag, g.CreatedDateTimeUTC, g.LastUpdatedDateTimeUTC, err = s.decodeSealed("read enrollment group", "group:", r, &g, &g.Attestation); err != nil {
+		return nil, err
 	}
-	g.ETag = etag
-	g.CreatedDateTimeUTC = dps.Time{Time: decTime(created)}
-	g.LastUpdatedDateTimeUTC = dps.Time{Time: decTime(updated)}
 	return &g, nil
 }
 
@@ -160,25 +149,14 @@ func (s *store) listEnrollments(ctx context.Context, after string, limit int) ([
 	defer rows.Close()
 	out := []dps.IndividualEnrollment{}
 	for rows.Next() {
-		var doc, etag, created, updated, id string
-		var att []byte
-		if err := rows.Scan(&doc, &att, &etag, &created, &updated, &id); err != nil {
+		r, err := scanSealedRow(rows)
+		if err != nil {
 			return nil, dbError(op, err)
 		}
 		var e dps.IndividualEnrollment
-		if err := json.Unmarshal([]byte(doc), &e); err != nil {
-			return nil, station.E(op, station.KindInternal, err)
-		}
-		plain, err := s.openValue(att, "enrollment:"+id)
-		if err != nil {
+		if e.ETag, e.CreatedDateTimeUTC, e.LastUpdatedDateTimeUTC, err = s.decodeSealed(op, "enrollment:", r, &e, &e.Attestation); err != nil {
 			return nil, err
 		}
-		if err := json.Unmarshal(plain, &e.Attestation); err != nil {
-			return nil, station.E(op, station.KindInternal, err)
-		}
-		e.ETag = etag
-		e.CreatedDateTimeUTC = dps.Time{Time: decTime(created)}
-		e.LastUpdatedDateTimeUTC = dps.Time{Time: decTime(updated)}
 		out = append(out, e)
 	}
 	return out, dbError(op, rows.Err())
