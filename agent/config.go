@@ -137,13 +137,21 @@ func (s *FileStore) Save(ctx context.Context, cfg station.DeviceConfig) error {
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	dir := filepath.Dir(s.Path)
+	return writePrivate(op, s.Path, append(b, '\n'), "--config")
+}
+
+// writePrivate writes b to path atomically (a temporary file beside it,
+// synced and renamed over it, the directory synced) with mode 0600,
+// creating the directory (0700) when needed; flag names the option that
+// chose the path, for the error. Kinds: Unavailable.
+func writePrivate(op, path string, b []byte, flag string) error {
+	dir := filepath.Dir(path)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return station.Errorf(op, station.KindUnavailable, "create %s: %w: check the --config path and its permissions", dir, err)
+		return station.Errorf(op, station.KindUnavailable, "create %s: %w: check the %s path and its permissions", dir, err, flag)
 	}
-	f, err := os.CreateTemp(dir, ".config-*.tmp")
+	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+"-*.tmp")
 	if err != nil {
-		return station.Errorf(op, station.KindUnavailable, "create a file in %s: %w: check the --config path and its permissions", dir, err)
+		return station.Errorf(op, station.KindUnavailable, "create a file in %s: %w: check the %s path and its permissions", dir, err, flag)
 	}
 	tmp := f.Name()
 	ok := false
@@ -156,7 +164,7 @@ func (s *FileStore) Save(ctx context.Context, cfg station.DeviceConfig) error {
 	if err := f.Chmod(0o600); err != nil {
 		return station.Errorf(op, station.KindUnavailable, "restrict %s to its owner: %w", tmp, err)
 	}
-	if _, err := f.Write(append(b, '\n')); err != nil {
+	if _, err := f.Write(b); err != nil {
 		return station.Errorf(op, station.KindUnavailable, "write %s: %w: check the free space", tmp, err)
 	}
 	if err := f.Sync(); err != nil {
@@ -165,8 +173,8 @@ func (s *FileStore) Save(ctx context.Context, cfg station.DeviceConfig) error {
 	if err := f.Close(); err != nil {
 		return station.Errorf(op, station.KindUnavailable, "close %s: %w", tmp, err)
 	}
-	if err := os.Rename(tmp, s.Path); err != nil {
-		return station.Errorf(op, station.KindUnavailable, "replace %s: %w", s.Path, err)
+	if err := os.Rename(tmp, path); err != nil {
+		return station.Errorf(op, station.KindUnavailable, "replace %s: %w", path, err)
 	}
 	ok = true
 	if d, err := os.Open(dir); err == nil { // make the rename durable

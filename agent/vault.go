@@ -50,43 +50,7 @@ func (v *dirVault) put(name string, b []byte) error {
 	const op = "store identity"
 	v.mu.Lock()
 	defer v.mu.Unlock()
-	if err := os.MkdirAll(v.dir, 0o700); err != nil {
-		return station.Errorf(op, station.KindUnavailable, "create %s: %w: check the --data-dir path and its permissions", v.dir, err)
-	}
-	f, err := os.CreateTemp(v.dir, "."+name+"-*.tmp")
-	if err != nil {
-		return station.Errorf(op, station.KindUnavailable, "create a file in %s: %w: check the --data-dir path and its permissions", v.dir, err)
-	}
-	tmp := f.Name()
-	ok := false
-	defer func() {
-		if !ok {
-			f.Close()
-			os.Remove(tmp)
-		}
-	}()
-	if err := f.Chmod(0o600); err != nil {
-		return station.Errorf(op, station.KindUnavailable, "restrict %s to its owner: %w", tmp, err)
-	}
-	if _, err := f.Write(b); err != nil {
-		return station.Errorf(op, station.KindUnavailable, "write %s: %w: check the free space", tmp, err)
-	}
-	if err := f.Sync(); err != nil {
-		return station.Errorf(op, station.KindUnavailable, "sync %s: %w", tmp, err)
-	}
-	if err := f.Close(); err != nil {
-		return station.Errorf(op, station.KindUnavailable, "close %s: %w", tmp, err)
-	}
-	p := filepath.Join(v.dir, name)
-	if err := os.Rename(tmp, p); err != nil {
-		return station.Errorf(op, station.KindUnavailable, "replace %s: %w", p, err)
-	}
-	ok = true
-	if d, err := os.Open(v.dir); err == nil {
-		_ = d.Sync()
-		d.Close()
-	}
-	return nil
+	return writePrivate(op, filepath.Join(v.dir, name), b, "--data-dir")
 }
 
 func (v *dirVault) del(name string) error {

@@ -204,16 +204,8 @@ func DecodeEnrollment(body []byte, registrationID string) (*dps.IndividualEnroll
 		}
 	case strings.ToLower(dps.AttestationSymmetricKey):
 		a.Type = dps.AttestationSymmetricKey
-		if a.SymmetricKey == nil {
-			a.SymmetricKey = &dps.SymmetricKeyAttestation{}
-		}
-		for _, k := range []string{a.SymmetricKey.PrimaryKey, a.SymmetricKey.SecondaryKey} {
-			if k == "" {
-				continue
-			}
-			if b, err := dps.DecodeKey(k); err != nil || len(b) < 16 || len(b) > 64 {
-				return nil, station.Errorf(op, station.KindInvalid, "a symmetric key is not base64 of 16 to 64 bytes")
-			}
+		if err := checkSymmetricKeys(op, a); err != nil {
+			return nil, err
 		}
 	case strings.ToLower(dps.AttestationX509):
 		a.Type = dps.AttestationX509

@@ -109,3 +109,21 @@ func (s *Server) hubSecondaryKey(ctx context.Context, r *registration) []byte {
 	}
 	return secondary
 }
+
+// checkSymmetricKeys gives a symmetric-key attestation its (possibly empty)
+// keys object and checks the keys given: base64 of 16 to 64 bytes. Keys
+// left out are generated later, as DPS does. Kinds: Invalid.
+func checkSymmetricKeys(op string, a *dps.AttestationMechanism) error {
+	if a.SymmetricKey == nil {
+		a.SymmetricKey = &dps.SymmetricKeyAttestation{}
+	}
+	for _, k := range []string{a.SymmetricKey.PrimaryKey, a.SymmetricKey.SecondaryKey} {
+		if k == "" {
+			continue
+		}
+		if b, err := dps.DecodeKey(k); err != nil || len(b) < 16 || len(b) > 64 {
+			return station.Errorf(op, station.KindInvalid, "a symmetric key is not base64 of 16 to 64 bytes")
+		}
+	}
+	return nil
+}

@@ -153,6 +153,32 @@ func (w *runner) identityLink(step string) (IdentityLink, error) {
 	return il, nil
 }
 
+// identityPrelude runs what the methods without an EK share after
+// identify: the run's link as an IdentityLink (first is the step that
+// needs it), the registration ID from the serial, the duplicate check.
+func (w *runner) identityPrelude(first string) (IdentityLink, error) {
+	il, err := w.identityLink(first)
+	if err != nil {
+		return nil, err
+	}
+	if err := w.serialRegistrationID(StepDuplicates); err != nil {
+		return nil, err
+	}
+	if err := w.serialDuplicates(); err != nil {
+		return nil, err
+	}
+	return il, nil
+}
+
+// groupEnroller returns x's Enroller as a GroupEnroller.
+func groupEnroller(x *EndToEnd) (GroupEnroller, error) {
+	ge, ok := x.Enroller.(GroupEnroller)
+	if !ok {
+		return nil, Errorf("enroll", KindInternal, "the verification DPS cannot hold enrollment groups: a station wiring error")
+	}
+	return ge, nil
+}
+
 // serialRegistrationID sets the run's registration ID for a method without
 // an EK: the serial rule, whatever the profile says (there is no EK to
 // derive one from).
@@ -199,14 +225,8 @@ func (w *runner) batchName() string {
 // DUT and read back.
 func (w *runner) x509Steps(prof Profile) error {
 	p, r, ctx := w.p, w.r, w.ctx
-	il, err := w.identityLink(StepGenerateKey)
+	il, err := w.identityPrelude(StepGenerateKey)
 	if err != nil {
-		return err
-	}
-	if err := w.serialRegistrationID(StepDuplicates); err != nil {
-		return err
-	}
-	if err := w.serialDuplicates(); err != nil {
 		return err
 	}
 	var key GeneratedKey
@@ -262,9 +282,9 @@ func (w *runner) x509Steps(prof Profile) error {
 			group = "kiln-x509"
 		}
 		if err := w.endToEnd(x, func() (string, error) {
-			ge, ok := x.Enroller.(GroupEnroller)
-			if !ok {
-				return "", Errorf("enroll", KindInternal, "the verification DPS cannot hold enrollment groups: a station wiring error")
+			ge, err := groupEnroller(x)
+			if err != nil {
+				return "", err
 			}
 			if err := ge.EnsureX509Group(ctx, group, p.Issuer.SigningCertificate()); err != nil {
 				return "", err
@@ -289,14 +309,8 @@ func (w *runner) x509Steps(prof Profile) error {
 // fingerprint.
 func (w *runner) symKeySteps(Profile) error {
 	p, r, ctx := w.p, w.r, w.ctx
-	il, err := w.identityLink(StepWriteKey)
+	il, err := w.identityPrelude(StepWriteKey)
 	if err != nil {
-		return err
-	}
-	if err := w.serialRegistrationID(StepDuplicates); err != nil {
-		return err
-	}
-	if err := w.serialDuplicates(); err != nil {
 		return err
 	}
 	fp := ""
@@ -320,9 +334,9 @@ func (w *runner) symKeySteps(Profile) error {
 	}
 	if x := p.EndToEnd; x != nil {
 		if err := w.endToEnd(x, func() (string, error) {
-			ge, ok := x.Enroller.(GroupEnroller)
-			if !ok {
-				return "", Errorf("enroll", KindInternal, "the verification DPS cannot hold enrollment groups: a station wiring error")
+			ge, err := groupEnroller(x)
+			if err != nil {
+				return "", err
 			}
 			if err := ge.EnsureSymKeyGroup(ctx, p.SymKey); err != nil {
 				return "", err
