@@ -197,7 +197,7 @@ func (h *Hub) Start(ctx context.Context) error {
 	if err != nil {
 		return station.Errorf(op, station.KindUnavailable, "listen on %s: %w: choose a free address or stop what uses it", h.cfg.Addr, err)
 	}
-	l := &hubListener{id: "hub-mqtts", ln: ln, tls: h.tls, log: h.log, conns: map[net.Conn]struct{}{}}
+	l := &hubListener{id: "hub-mqtts", ln: ln, tls: h.tls, log: h.log}
 	if err := h.srv.AddListener(l); err != nil {
 		_ = ln.Close()
 		return station.E(op, station.KindInternal, err)

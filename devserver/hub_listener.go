@@ -4,7 +4,6 @@ import (
 	"crypto/tls"
 	"log/slog"
 	"net"
-	"sync"
 	"time"
 
 	"github.com/mochi-mqtt/server/v2/listeners"
@@ -21,10 +20,7 @@ type hubListener struct {
 	tls *tls.Config
 	log *slog.Logger
 
-	mu     sync.Mutex
-	closed bool
-	conns  map[net.Conn]struct{}
-	wg     sync.WaitGroup
+	conns connSet
 }
 
 var _ listeners.Listener = (*hubListener)(nil)
@@ -40,23 +36,22 @@ func (l *hubListener) Init(*slog.Logger) error { return nil }
 // Serve accepts connections until Close, and runs each one's TLS handshake
 // and MQTT session on its own goroutine.
 func (l *hubListener) Serve(establish listeners.EstablishFn) {
-	if !l.add() {
+	if !l.conns.add() {
 		return
 	}
-	defer l.wg.Done()
+	defer l.conns.wg.Done()
 	for {
 		c, err := l.ln.Accept()
 		if err != nil {
 			return
 		}
 		tc := tls.Server(c, l.tls)
-		if !l.track(tc) {
+		if !l.conns.track(tc) {
 			_ = c.Close()
 			return
 		}
 		go func() {
-			defer l.wg.Done()
-			defer l.untrack(tc)
+			defer l.conns.untrack(tc)
 			defer tc.Close()
 			_ = tc.SetDeadline(time.Now().Add(hubConnectTimeout)) // mochi resets it after CONNECT
 			if err := tc.Handshake(); err != nil {
@@ -70,52 +65,8 @@ func (l *hubListener) Serve(establish listeners.EstablishFn) {
 	}
 }
 
-// add counts a goroutine unless the listener is closed.
-func (l *hubListener) add() bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.closed {
-		return false
-	}
-	l.wg.Add(1)
-	return true
-}
-
-func (l *hubListener) track(c net.Conn) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.closed {
-		return false
-	}
-	l.conns[c] = struct{}{}
-	l.wg.Add(1)
-	return true
-}
-
-func (l *hubListener) untrack(c net.Conn) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	delete(l.conns, c)
-}
-
 // Close stops accepting, disconnects mochi's clients, closes the
 // connections still in handshake or CONNECT and waits for all goroutines.
 func (l *hubListener) Close(closeClients listeners.CloseFn) {
-	l.mu.Lock()
-	if l.closed {
-		l.mu.Unlock()
-		return
-	}
-	l.closed = true
-	_ = l.ln.Close()
-	l.mu.Unlock()
-
-	closeClients(l.id)
-
-	l.mu.Lock()
-	for c := range l.conns {
-		_ = c.Close()
-	}
-	l.mu.Unlock()
-	l.wg.Wait()
+	l.conns.close(func() { _ = l.ln.Close() }, func() { closeClients(l.id) })
 }

@@ -90,7 +90,7 @@ const (
 func (s *Server) startMQTT(ctx context.Context, tc *tls.Config) error {
 	const op = "start devserver MQTT listener"
 	m := &dpsMQTT{s: s, log: s.log.With("transport", "mqtt"), sessions: map[*mqtt.Client]*dpsSession{},
-		ws: &dpsWSListener{conns: map[net.Conn]struct{}{}}}
+		ws: &dpsWSListener{}}
 	caps := mqtt.NewDefaultServerCapabilities()
 	caps.MinimumProtocolVersion = 4 // DPS speaks MQTT 3.1.1 only
 	caps.MaximumQos = 1
@@ -129,7 +129,7 @@ func (s *Server) startMQTT(ctx context.Context, tc *tls.Config) error {
 		if ln, err = lc.Listen(ctx, "tcp", s.cfg.MQTTAddr); err != nil {
 			return station.Errorf(op, station.KindUnavailable, "listen on %s: %w: choose a free address for MQTT", s.cfg.MQTTAddr, err)
 		}
-		l := &hubListener{id: dpsListenerTLS, ln: ln, tls: mc, log: m.log, conns: map[net.Conn]struct{}{}}
+		l := &hubListener{id: dpsListenerTLS, ln: ln, tls: mc, log: m.log}
 		if err := m.srv.AddListener(l); err != nil {
 			_ = ln.Close()
 			return station.E(op, station.KindInternal, err)
@@ -175,10 +175,7 @@ func (s *Server) MQTTAddr() string {
 // mochi, so that Close can end them (even before CONNECT) and wait for
 // them: mochi's Close must not race a late EstablishConnection.
 type dpsWSListener struct {
-	mu     sync.Mutex
-	closed bool
-	conns  map[net.Conn]struct{}
-	wg     sync.WaitGroup
+	conns connSet
 }
 
 func (*dpsWSListener) ID() string                  { return dpsListenerWS }
@@ -187,40 +184,8 @@ func (*dpsWSListener) Protocol() string            { return "wss" }
 func (*dpsWSListener) Init(*slog.Logger) error     { return nil }
 func (*dpsWSListener) Serve(listeners.EstablishFn) {}
 
-// track counts a connection unless the listener is closed.
-func (l *dpsWSListener) track(c net.Conn) bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.closed {
-		return false
-	}
-	l.conns[c] = struct{}{}
-	l.wg.Add(1)
-	return true
-}
-
-func (l *dpsWSListener) untrack(c net.Conn) {
-	l.mu.Lock()
-	delete(l.conns, c)
-	l.mu.Unlock()
-	l.wg.Done()
-}
-
 func (l *dpsWSListener) Close(closeClients listeners.CloseFn) {
-	l.mu.Lock()
-	if l.closed {
-		l.mu.Unlock()
-		return
-	}
-	l.closed = true
-	l.mu.Unlock()
-	closeClients(dpsListenerWS)
-	l.mu.Lock()
-	for c := range l.conns {
-		_ = c.Close()
-	}
-	l.mu.Unlock()
-	l.wg.Wait()
+	l.conns.close(nil, func() { closeClients(dpsListenerWS) })
 }
 
 // dpsHook plugs the DPS device API into mochi, as hubHook does for the
@@ -584,10 +549,10 @@ func (s *Server) serveWebSocket(w http.ResponseWriter, r *http.Request, tracking
 	ws.SetReadLimit(int64(s.cfg.Quotas.messageBytes() + 16<<10))
 	c := &wsConn{ws: ws}
 	defer c.Close()
-	if !m.ws.track(c) {
+	if !m.ws.conns.track(c) {
 		return // closing
 	}
-	defer m.ws.untrack(c)
+	defer m.ws.conns.untrack(c)
 	_ = c.SetDeadline(time.Now().Add(hubConnectTimeout)) // mochi resets it after CONNECT
 	if err := m.srv.EstablishConnection(dpsListenerWS, c); err != nil {
 		m.log.Debug("connection ended", "remote", r.RemoteAddr, "error", err)
