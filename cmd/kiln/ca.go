@@ -162,11 +162,10 @@ func (s *stationIssuer) Issue(ctx context.Context, req station.IssueRequest) (*s
 	if err != nil {
 		return nil, err
 	}
+	// Without IncludeRoot the chain stops below the root: devices are given
+	// the chain up to it.
 	out := &station.IssuedCertificate{Serial: hex.EncodeToString(leaf.Certificate.SerialNumber.Bytes())}
 	for _, c := range leaf.Chain {
-		if c.CheckSignatureFrom(c) == nil && c.IsCA {
-			continue // the root: devices are given the chain up to it
-		}
 		out.Chain = append(out.Chain, c.Raw)
 	}
 	return out, nil
