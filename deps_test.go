@@ -22,10 +22,11 @@ var allowed = map[string][]string{
 	"internal/sqlitedb":   {"station"}, // how every Kiln store opens SQLite
 	"internal/fynelocale": {},          // a parseable locale for Fyne when the process has none
 	"internal/datakey":    {"station"}, // the data key that seals a store's secrets
+	"internal/atomicfile": {},          // files written whole or not at all
 	"link":                {"station"},
 	"hsm":                 {"station"},
 	"hsm/tpmsim":          {"station", "hsm"},
-	"pki":                 {"station"},
+	"pki":                 {"station", "internal/atomicfile"},
 	"dps":                 {"station", "hsm"},
 	"devserver":           {"station", "dps", "internal/sqlitedb", "internal/datakey"},
 	"cloudsync":           {"station", "dps", "internal/datakey"},

@@ -22,6 +22,7 @@ import (
 
 	"golang.org/x/crypto/scrypt"
 
+	"github.com/kilnworks/kiln/internal/atomicfile"
 	"github.com/kilnworks/kiln/station"
 )
 
@@ -312,25 +313,5 @@ func (f *FileKeys) Secret(ctx context.Context, name string, size int) ([]byte, e
 // writeFileAtomic writes b to a temporary file beside path and renames it
 // into place, so a crash never leaves a half-written file.
 func writeFileAtomic(path string, b []byte, mode os.FileMode) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if err := tmp.Chmod(mode); err != nil {
-		tmp.Close()
-		return err
-	}
-	if _, err := tmp.Write(b); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Sync(); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+	return atomicfile.WriteFile(path, b, mode)
 }

@@ -13,6 +13,7 @@ import (
 	"regexp"
 
 	"github.com/kilnworks/kiln/hsm"
+	"github.com/kilnworks/kiln/internal/atomicfile"
 	"github.com/kilnworks/kiln/station"
 	"github.com/kilnworks/kiln/station/sqlite"
 )
@@ -175,25 +176,7 @@ func (c *config) save() error {
 	if err != nil {
 		return err
 	}
-	f, err := os.CreateTemp(c.Home, configFile+".*")
-	if err != nil {
-		return fmt.Errorf("save the station configuration: %w", err)
-	}
-	defer os.Remove(f.Name()) // fails harmlessly after the rename
-	err = f.Chmod(0o600)
-	if err == nil {
-		_, err = f.Write(append(b, '\n'))
-	}
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), filepath.Join(c.Home, configFile))
-	}
-	if err != nil {
+	if err := atomicfile.WriteFile(filepath.Join(c.Home, configFile), append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("save the station configuration: %w", err)
 	}
 	return nil
