@@ -187,6 +187,12 @@ func (g *guiBatches) group(ctx context.Context, b *station.Batch) (*cloudsync.Gr
 // a push stopped (ctx cancelled) leaves the batch pushing, and the next
 // Push resumes it. The refused units are then listed by UnitErrors.
 func (g *guiBatches) Push(ctx context.Context, id int64, progress func(ui.BatchProgress)) error {
+	return g.withPusher(ctx, id, progress, (*cloudsync.Pusher).Push)
+}
+
+// withPusher runs one of a pusher's operations on batch id.
+func (g *guiBatches) withPusher(ctx context.Context, id int64, progress func(ui.BatchProgress),
+	run func(*cloudsync.Pusher, context.Context, int64) (*cloudsync.Report, error)) error {
 	b, err := g.be.store.Batch(ctx, id)
 	if err != nil {
 		return err
@@ -195,23 +201,14 @@ func (g *guiBatches) Push(ctx context.Context, id int64, progress func(ui.BatchP
 	if err != nil {
 		return err
 	}
-	_, err = p.Push(ctx, id)
+	_, err = run(p, ctx, id)
 	return err
 }
 
 // Enable enables the enrollments of pushed batch id (the second phase of a
 // two-phase enrollment).
 func (g *guiBatches) Enable(ctx context.Context, id int64, progress func(ui.BatchProgress)) error {
-	b, err := g.be.store.Batch(ctx, id)
-	if err != nil {
-		return err
-	}
-	p, err := g.pusher(ctx, b, progress)
-	if err != nil {
-		return err
-	}
-	_, err = p.Enable(ctx, id)
-	return err
+	return g.withPusher(ctx, id, progress, (*cloudsync.Pusher).Enable)
 }
 
 // Export writes batch id to path in format, through a temporary file
